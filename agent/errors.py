@@ -1,0 +1,43 @@
+"""Errors an operator can cause or meet, each with its documented exit code.
+
+The CLI turns these into one clear line on stderr and the exit code; it never shows a
+traceback for them.
+"""
+
+# Exit codes of agentctl (documented in README.md).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # generic failure; also `start` when a supervisor is already running
+EXIT_USAGE = 2  # bad command line (click's own code)
+EXIT_CONFIG = 78  # EX_CONFIG: unreadable or invalid configuration
+EXIT_PERMISSION = 77  # EX_NOPERM: not allowed (systemctl or journal access denied)
+
+# Exit codes of `agentctl status`.
+STATUS_HEALTHY = 0
+STATUS_CRASHED = 1
+STATUS_DEGRADED = 2
+STATUS_NOT_RUNNING = 3
+
+# Exit codes of `agentctl run` (the supervisor process itself).
+RUN_SHUTDOWN_TIMEOUT = 70  # workers did not stop within stop_timeout; process ended itself
+RUN_FORCED = 71  # a second stop signal escalated the graceful stop
+
+
+class AgentError(Exception):
+    """An expected failure with a message for the operator and an exit code."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(AgentError):
+    exit_code = EXIT_CONFIG
+
+
+class AlreadyRunning(AgentError):
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        shown = pid if pid is not None else "unknown"
+        super().__init__(f"agent supervisor already running (pid {shown})")
+
+
+class PermissionDenied(AgentError):
+    exit_code = EXIT_PERMISSION

@@ -1,0 +1,186 @@
+"""Structured events: one record per lifecycle event, with a stable `event` name.
+
+Under journald the record goes to the journal with upper-case fields (EVENT, WORKER,
+ERROR, ...); elsewhere to a JSON-lines file under state_dir with keys ts, level, event,
+worker, message, pid. Callers only ever use `event(...)`.
+"""
+
+import logging
+import logging.handlers
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.clock import iso_utc
+from agent.config import Config
+
+LOGGER_NAME = "agent"
+SYSLOG_IDENTIFIER = "agent"
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+MAX_LOG_BYTES = 20 * 1024 * 1024
+LOG_BACKUPS = 4
+LEVEL_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "critical",
+}
+# journald reserves these names or systemd-python sets them itself.
+_RESERVED_JOURNAL_FIELDS = {
+    "MESSAGE",
+    "MESSAGE_ID",
+    "PRIORITY",
+    "SYSLOG_IDENTIFIER",
+    "CODE_FILE",
+    "CODE_LINE",
+    "CODE_FUNC",
+    "LOGGER",
+}
+
+# Our lower_snake_case field -> journal field, where plain upper-casing would collide.
+JOURNAL_RENAMES = {"message_id": "QUEUE_MESSAGE_ID"}
+
+_logger = logging.getLogger(LOGGER_NAME)
+
+
+def event(
+    name: str, message: str, *, worker: str | None = None, level: int = logging.INFO, **fields: Any
+) -> None:
+    """Log one structured event. Field names are lower_snake_case."""
+    _logger.log(level, message, extra={"event": name, "worker": worker, "fields": fields})
+
+
+def journald_available() -> bool:
+    if not JOURNAL_SOCKET.exists():
+        return False
+    try:
+        import systemd.journal  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_sink(config: Config) -> str:
+    """'journald' or 'file'."""
+    if config.logging.sink != "auto":
+        return config.logging.sink
+    return "journald" if journald_available() else "file"
+
+
+def setup_logging(config: Config, sink: str, echo: bool = False) -> None:
+    _logger.handlers.clear()
+    _logger.propagate = False
+    _logger.setLevel(config.logging.level.upper())
+    if sink == "journald":
+        _logger.addHandler(JournaldHandler())
+    else:
+        _logger.addHandler(json_file_handler(config.log_path))
+    if echo:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(HumanFormatter())
+        _logger.addHandler(stream)
+
+
+def json_file_handler(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+    )
+    handler.setFormatter(JsonLinesFormatter())
+    return handler
+
+
+def shutdown_logging() -> None:
+    for handler in list(_logger.handlers):
+        handler.flush()
+        handler.close()
+        _logger.removeHandler(handler)
+
+
+def _json_formatter_base() -> type:
+    try:
+        from pythonjsonlogger.json import JsonFormatter
+    except ImportError:  # python-json-logger < 3 (Debian 12 ships 2.0.x)
+        from pythonjsonlogger.jsonlogger import JsonFormatter
+    return JsonFormatter
+
+
+class JsonLinesFormatter(_json_formatter_base()):
+    """One JSON object per line: ts, level, event, worker, message, pid, then fields."""
+
+    def __init__(self) -> None:
+        super().__init__(json_ensure_ascii=False)
+
+    def add_fields(self, log_record: dict, record: logging.LogRecord, message_dict: dict) -> None:
+        log_record["ts"] = iso_utc(record.created)
+        log_record["level"] = LEVEL_NAMES.get(record.levelno, record.levelname.lower())
+        log_record["event"] = getattr(record, "event", None)
+        log_record["worker"] = getattr(record, "worker", None)
+        log_record["message"] = record.getMessage()
+        log_record["pid"] = record.process
+        for key, value in getattr(record, "fields", {}).items():
+            log_record.setdefault(key, value)
+
+
+class JournaldHandler(logging.Handler):
+    """Sends each event to journald with upper-case fields a journal match can select."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from systemd import journal
+
+        self._send = journal.send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {
+                "PRIORITY": str(_syslog_priority(record.levelno)),
+                "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+                "EVENT": getattr(record, "event", None) or "",
+            }
+            if getattr(record, "worker", None):
+                fields["WORKER"] = record.worker
+            for key, value in getattr(record, "fields", {}).items():
+                fields[journal_field_name(key)] = "" if value is None else str(value)
+            self._send(record.getMessage(), **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def journal_field_name(key: str) -> str:
+    """message_id -> QUEUE_MESSAGE_ID style: upper-case, and never a reserved name."""
+    if key in JOURNAL_RENAMES:
+        return JOURNAL_RENAMES[key]
+    name = re.sub(r"[^A-Z0-9_]", "_", key.upper()).lstrip("_") or "FIELD"
+    if name[0].isdigit() or name in _RESERVED_JOURNAL_FIELDS:
+        name = f"AGENT_{name}"
+    return name
+
+
+def _syslog_priority(levelno: int) -> int:
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class HumanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        worker = getattr(record, "worker", None)
+        extra = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        parts = [
+            iso_utc(record.created),
+            LEVEL_NAMES.get(record.levelno, "?"),
+            getattr(record, "event", "") or "-",
+            f"[{worker}]" if worker else "",
+            record.getMessage(),
+            extra,
+        ]
+        return " ".join(p for p in parts if p)

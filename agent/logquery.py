@@ -1,0 +1,362 @@
+"""`agentctl logs`: recent structured events from whichever sink the runtime uses.
+
+journald: systemd.journal.Reader with the journal's own matches (SYSLOG_IDENTIFIER,
+WORKER, EVENT, PRIORITY, a time seek), so the journal does the filtering.
+file: the JSON-lines file under state_dir/logs, read backwards from its end so that the
+last N matches cost a read of the tail, not of the whole history.
+"""
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.clock import iso_utc, parse_iso
+from agent.config import Config
+from agent.errors import AgentError, PermissionDenied
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+PRIORITY_OF_LEVEL = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+LEVEL_OF_PRIORITY = {
+    0: "critical",
+    1: "critical",
+    2: "critical",
+    3: "error",
+    4: "warning",
+    5: "info",
+    6: "info",
+    7: "debug",
+}
+CORE_KEYS = ("ts", "level", "event", "worker", "message", "pid")
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    worker: str | None = None
+    event: str | None = None
+    level: str | None = None  # minimum severity
+    since: float | None = None  # epoch seconds
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        if self.worker and record.get("worker") != self.worker:
+            return False
+        if self.event and record.get("event") != self.event:
+            return False
+        if self.level and _severity(record.get("level")) < _severity(self.level):
+            return False
+        return not (self.since is not None and _record_time(record) < self.since)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'10m', '2h', '1d', '30s' ago, or an ISO 8601 time (UTC unless it says otherwise)."""
+    now = time.time() if now is None else now
+    relative = _RELATIVE.match(text.strip())
+    if relative:
+        return now - float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]
+    try:
+        return parse_iso(text.strip())
+    except ValueError:
+        raise AgentError(
+            f"--since: expected a time like 2026-11-24T06:00:00Z or an age like 30s, 10m, 2h, "
+            f"1d; got {text!r}"
+        ) from None
+
+
+def _severity(level: str | None) -> int:
+    return -PRIORITY_OF_LEVEL.get(level or "info", 6)
+
+
+def _record_time(record: dict[str, Any]) -> float:
+    try:
+        return parse_iso(record["ts"])
+    except (KeyError, ValueError, TypeError):
+        return 0.0
+
+
+# ---- JSON-lines file sink
+
+
+def file_tail(path: Path, flt: LogFilter, limit: int) -> list[dict[str, Any]]:
+    """The last `limit` matching records, oldest first."""
+    found: list[dict[str, Any]] = []
+    for record in _records_backwards(path):
+        if flt.since is not None and _record_time(record) < flt.since:
+            break
+        if flt.matches(record):
+            found.append(record)
+            if len(found) >= limit:
+                break
+    found.reverse()
+    return found
+
+
+def _records_backwards(path: Path) -> Iterator[dict[str, Any]]:
+    for file in [path, *_rotated(path)]:
+        for line in _lines_backwards(file):
+            record = _parse_line(line)
+            if record is not None:
+                yield record
+
+
+def _rotated(path: Path) -> list[Path]:
+    backups = []
+    index = 1
+    while (candidate := path.with_name(f"{path.name}.{index}")).exists():
+        backups.append(candidate)
+        index += 1
+    return backups
+
+
+def _lines_backwards(path: Path) -> Iterator[bytes]:
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        raise PermissionDenied(f"{path}: permission denied reading the agent log") from None
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        partial = b""
+        while position > 0:
+            step = min(CHUNK, position)
+            position -= step
+            handle.seek(position)
+            block = handle.read(step) + partial
+            lines = block.split(b"\n")
+            partial = lines.pop(0)
+            yield from (line for line in reversed(lines) if line)
+        if partial:
+            yield partial
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def file_follow(path: Path, flt: LogFilter, poll: float = 0.2) -> Iterator[dict[str, Any]]:
+    """Records appended from now on; survives rotation (a new inode at the same path)."""
+    handle, inode = _open_at_end(path)
+    buffer = b""
+    while True:
+        chunk = handle.read() if handle else b""
+        if chunk:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                record = _parse_line(line)
+                if record is not None and flt.matches(record):
+                    yield record
+            continue
+        time.sleep(poll)  # a tail -f poll; no inotify needed for an operator's terminal
+        current = _inode(path)
+        if current != inode:
+            if handle:
+                handle.close()
+            handle, inode = (open(path, "rb"), current) if current else (None, None)
+
+
+def _open_at_end(path: Path):
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return None, None
+    handle.seek(0, os.SEEK_END)
+    return handle, os.fstat(handle.fileno()).st_ino
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+# ---- journald sink
+
+
+def journal_reader(flt: LogFilter):
+    try:
+        from systemd import journal
+    except ImportError:
+        raise AgentError(
+            "the agent logs to journald, but systemd-python is not installed; "
+            "use journalctl -t agent"
+        ) from None
+    try:
+        reader = journal.Reader()
+    except OSError as exc:
+        raise PermissionDenied(f"cannot open the journal: {exc.strerror}") from None
+    reader.add_match(SYSLOG_IDENTIFIER="agent")
+    if flt.worker:
+        reader.add_match(WORKER=flt.worker)
+    if flt.event:
+        reader.add_match(EVENT=flt.event)
+    if flt.level:
+        for priority in range(PRIORITY_OF_LEVEL[flt.level] + 1):
+            reader.add_match(PRIORITY=str(priority))
+    return reader
+
+
+def journal_tail(flt: LogFilter, limit: int) -> list[dict[str, Any]]:
+    reader = journal_reader(flt)
+    reader.seek_tail()
+    found = []
+    while len(found) < limit:
+        entry = reader.get_previous()
+        if not entry:
+            break
+        record = journal_record(entry)
+        if flt.since is not None and _record_time(record) < flt.since:
+            break
+        found.append(record)
+    if not found and not _journal_readable_by_us():
+        raise PermissionDenied(
+            "no agent events visible in the journal: reading the system "
+            "journal needs root or membership of the systemd-journal or adm "
+            "group"
+        )
+    found.reverse()
+    return found
+
+
+def journal_follow(flt: LogFilter) -> Iterator[dict[str, Any]]:
+    reader = journal_reader(flt)
+    reader.seek_tail()
+    reader.get_previous()
+    while True:
+        for entry in reader:
+            yield journal_record(entry)
+        reader.wait(1.0)
+
+
+def journal_record(entry: dict[str, Any]) -> dict[str, Any]:
+    from agent.log import JOURNAL_RENAMES
+
+    renamed = {journal: ours for ours, journal in JOURNAL_RENAMES.items()}
+    stamp = entry.get("__REALTIME_TIMESTAMP")
+    record: dict[str, Any] = {
+        "ts": iso_utc(stamp.timestamp()) if isinstance(stamp, datetime) else None,
+        "level": LEVEL_OF_PRIORITY.get(int(entry.get("PRIORITY", 6)), "info"),
+        "event": entry.get("EVENT") or None,
+        "worker": entry.get("WORKER") or None,
+        "message": entry.get("MESSAGE"),
+        "pid": entry.get("_PID"),
+    }
+    for key, value in entry.items():
+        if key.startswith("_") or key in _JOURNAL_OWN or key in ("EVENT", "WORKER"):
+            continue
+        if key.isupper():
+            record[renamed.get(key, key.lower())] = value
+    return record
+
+
+_JOURNAL_OWN = {
+    "MESSAGE",
+    "PRIORITY",
+    "SYSLOG_IDENTIFIER",
+    "SYSLOG_FACILITY",
+    "SYSLOG_PID",
+    "SYSLOG_TIMESTAMP",
+    "CODE_FILE",
+    "CODE_LINE",
+    "CODE_FUNC",
+    "MESSAGE_ID",
+    "INVOCATION_ID",
+    "UNIT",
+    "USER_UNIT",
+}
+
+
+def _journal_readable_by_us() -> bool:
+    if os.geteuid() == 0:
+        return True
+    import grp
+
+    groups = set(os.getgroups())
+    for name in ("systemd-journal", "adm"):
+        try:
+            if grp.getgrnam(name).gr_gid in groups:
+                return True
+        except KeyError:
+            continue
+    return False
+
+
+# ---- rendering
+
+
+def render_record(record: dict[str, Any]) -> str:
+    extra = " ".join(
+        f"{k}={_short(v)}"
+        for k, v in record.items()
+        if k not in CORE_KEYS and k != "traceback" and v is not None
+    )
+    worker = f"[{record['worker']}]" if record.get("worker") else ""
+    parts = [
+        record.get("ts") or "-",
+        f"{(record.get('level') or '-'):<7}",
+        record.get("event") or "-",
+        worker,
+        record.get("message") or "",
+        extra,
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    ordered = {key: record.get(key) for key in CORE_KEYS}
+    ordered.update({k: v for k, v in record.items() if k not in ordered})
+    return json.dumps(ordered, default=str, ensure_ascii=False)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---- the command
+
+
+def show_logs(
+    config: Config, flt: LogFilter, limit: int, follow: bool, as_json: bool
+) -> Iterator[str]:
+    """Lines to print: the last `limit` matches, then (with follow) new ones as they come."""
+    render = json_line if as_json else render_record
+    if runtime_sink(config) == "journald":
+        recent, later = journal_tail(flt, limit), (journal_follow(flt) if follow else ())
+    else:
+        recent, later = (
+            file_tail(config.log_path, flt, limit),
+            file_follow(config.log_path, flt) if follow else (),
+        )
+    for record in recent:
+        yield render(record)
+    for record in later:
+        yield render(record)
+
+
+def runtime_sink(config: Config) -> str:
+    """The sink the last supervisor recorded; else the one a new supervisor would choose."""
+    from agent.state import UnreadableState, read_state
+
+    try:
+        saved = read_state(config.state_path)
+    except (UnreadableState, PermissionError):
+        saved = None
+    if saved and saved["supervisor"].get("log_sink") in ("journald", "file"):
+        return saved["supervisor"]["log_sink"]
+    from agent.log import choose_sink
+
+    return choose_sink(config)

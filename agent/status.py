@@ -1,0 +1,190 @@
+"""`agentctl status`: the truth about the supervisor, derived from live evidence.
+
+- running or not: whether a process holds the supervisor lock (never a saved flag);
+- crashed: the state file says a run is live, but nobody holds the lock;
+- hung: a worker's last heartbeat is older than hang_timeout, whatever was saved;
+- a supervisor whose own loop stopped updating the state file is degraded too.
+"""
+
+import time
+from typing import Any
+
+from agent import errors
+from agent.clock import parse_iso
+from agent.config import Config
+from agent.lock import probe
+from agent.state import UnreadableState, read_state
+from agent.states import ALIVE_STATES, LIVE_PHASES, UNHEALTHY_STATES, WorkerState
+
+STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state file counts
+
+
+def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    lock = probe(config.lock_path)
+    try:
+        saved = read_state(config.state_path)
+        unreadable = None
+    except UnreadableState as exc:
+        saved, unreadable = None, str(exc)
+    sup = dict(saved["supervisor"]) if saved else {}
+    workers = [dict(w) for w in saved["workers"]] if saved else []
+    hang_timeout = sup.get("hang_timeout") or config.supervisor.hang_timeout
+
+    state = _supervisor_state(lock.held, sup.get("phase"))
+    for worker in workers:
+        _derive_worker(worker, state == "running", now, hang_timeout)
+    last_error = unreadable or sup.get("last_error")
+    stale = _state_file_age(sup, now) if state == "running" else None
+    if stale is not None and stale > hang_timeout + STATE_STALE_MARGIN:
+        last_error = f"supervisor has not updated its state for {stale:.0f}s"
+    health = None
+    if state == "running":
+        unhealthy = any(w["state"] in UNHEALTHY_STATES for w in workers)
+        health = "degraded" if unhealthy or last_error or unreadable else "healthy"
+
+    return {
+        "supervisor": {
+            "state": state,
+            "health": health,
+            "pid": lock.pid if lock.held else sup.get("pid"),
+            "started_at": sup.get("started_at"),
+            "uptime_s": _uptime(sup, now) if state == "running" else None,
+            "phase": sup.get("phase") if state == "running" else None,
+            "manager": sup.get("manager"),
+            "config": sup.get("config") or (str(config.path) if config.path else None),
+            "state_dir": str(config.state_dir),
+            "log_sink": sup.get("log_sink"),
+            "last_error": last_error,
+            "outcome": _outcome(state, sup),
+            "stopped_at": sup.get("stopped_at"),
+            "previous_run": sup.get("previous_run"),
+        },
+        "workers": [_ordered(w, WORKER_KEYS) for w in workers],
+    }
+
+
+WORKER_KEYS = ("name", "state", "last_heartbeat", "heartbeat_age_s", "restarts", "last_error")
+
+
+def _ordered(record: dict[str, Any], first: tuple[str, ...]) -> dict[str, Any]:
+    return {**{k: record.get(k) for k in first}, **record}
+
+
+def _supervisor_state(lock_held: bool, phase: str | None) -> str:
+    if lock_held:
+        return "running"
+    if phase in LIVE_PHASES:
+        return "crashed"
+    return "stopped"
+
+
+def _derive_worker(
+    worker: dict[str, Any], supervisor_alive: bool, now: float, hang_timeout: float
+) -> None:
+    beat = worker.get("last_heartbeat")
+    age = round(max(now - parse_iso(beat), 0.0), 1) if beat else None
+    worker["heartbeat_age_s"] = age
+    if not supervisor_alive:
+        if worker["state"] in ALIVE_STATES:
+            worker["state"] = str(WorkerState.STOPPED)  # its process is gone
+        worker["heartbeat_age_s"] = None
+        return
+    if worker["state"] == WorkerState.RUNNING and age is not None and age > hang_timeout:
+        worker["state"] = str(WorkerState.HUNG)
+        worker["last_error"] = f"no heartbeat for {age:.1f}s"
+
+
+def _state_file_age(sup: dict[str, Any], now: float) -> float | None:
+    updated = sup.get("updated_at")
+    return max(now - parse_iso(updated), 0.0) if updated else None
+
+
+def _uptime(sup: dict[str, Any], now: float) -> float | None:
+    started = sup.get("started_at")
+    return round(now - parse_iso(started), 1) if started else None
+
+
+def _outcome(state: str, sup: dict[str, Any]) -> str | None:
+    if state == "crashed":
+        return "crashed"
+    if state == "stopped":
+        return sup.get("outcome")
+    return None
+
+
+def status_exit_code(report: dict[str, Any]) -> int:
+    sup = report["supervisor"]
+    if sup["state"] == "crashed":
+        return errors.STATUS_CRASHED
+    if sup["state"] != "running":
+        return errors.STATUS_NOT_RUNNING
+    return errors.STATUS_HEALTHY if sup["health"] == "healthy" else errors.STATUS_DEGRADED
+
+
+def render_status(report: dict[str, Any]) -> str:
+    sup = report["supervisor"]
+    headline = f"agent supervisor: {sup['state']}"
+    if sup["health"]:
+        headline += f" ({sup['health']})"
+    lines = [headline]
+    rows = [
+        ("pid", sup["pid"]),
+        ("started", _started(sup)),
+        ("manager", sup.get("manager")),
+        ("config", sup.get("config") or "(embedded defaults)"),
+        ("state dir", sup.get("state_dir")),
+        ("logs", sup.get("log_sink")),
+    ]
+    if sup["state"] != "running":
+        rows.append(("outcome", sup.get("outcome")))
+        rows.append(("stopped", sup.get("stopped_at")))
+    rows.append(("last error", sup.get("last_error")))
+    for key, value in rows:
+        lines.append(f"  {key + ':':<12}{'-' if value is None else value}")
+    if report["workers"]:
+        lines.append("")
+        lines.append(_worker_table(report["workers"]))
+    return "\n".join(lines)
+
+
+def _started(sup: dict[str, Any]) -> str | None:
+    if not sup.get("started_at"):
+        return None
+    if sup.get("uptime_s") is None:
+        return sup["started_at"]
+    return f"{sup['started_at']} (up {_duration(sup['uptime_s'])})"
+
+
+def _worker_table(workers: list[dict[str, Any]]) -> str:
+    header = ("WORKER", "STATE", "HEARTBEAT", "RESTARTS", "DETAIL", "LAST ERROR")
+    rows = [header]
+    for w in workers:
+        age = w.get("heartbeat_age_s")
+        rows.append(
+            (
+                w["name"],
+                w["state"],
+                "-" if age is None else f"{age:.1f}s ago",
+                str(w.get("restarts", 0)),
+                " ".join(f"{k}={v}" for k, v in (w.get("detail") or {}).items()) or "-",
+                w.get("last_error") or "-",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
+        for row in rows
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
