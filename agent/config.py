@@ -33,6 +33,11 @@ def _setting(default: Any, expect: str, check=None, choices: tuple[str, ...] = (
     return field(default=default, metadata={"expect": expect, "check": check, "choices": choices})
 
 
+def _table_of(cls: type) -> Any:
+    """A field holding named sub-tables, like [slack.profiles.NAME]."""
+    return field(default_factory=dict, metadata={"table_of": cls})
+
+
 @dataclass(frozen=True)
 class SupervisorConfig:
     stop_timeout: float = _setting(10.0, "a number of seconds > 0", _positive)
@@ -55,16 +60,47 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True)
+class DispatcherConfig:
+    concurrency: int = _setting(4, "a whole number >= 1", lambda v: v >= 1)
+    max_attempts: int = _setting(3, "a whole number >= 1", lambda v: v >= 1)
+    retry_backoff: float = _setting(1.0, "a number of seconds > 0", _positive)
+    retry_backoff_max: float = _setting(60.0, "a number of seconds > 0", _positive)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """[agents.NAME]: the AI agent command a message is handed to (argv, no shell)."""
+
+    command: tuple[str, ...] = _setting((), "a non-empty array of strings (argv)", bool)
+    timeout: float = _setting(300.0, "a number of seconds > 0", _positive)
+    workdir: str | None = _setting(None, "a directory path string")
+
+
+@dataclass(frozen=True)
+class SlackProfileConfig:
+    """[slack.profiles.NAME]: one Slack app connection."""
+
+    bot_token_file: str = _setting("", "a file path string (xoxb- token)", bool)
+    app_token_file: str = _setting("", "a file path string (xapp- token)", bool)
+    agent: str | None = _setting(None, "the name of an [agents.NAME] table")
+    channels: tuple[str, ...] = _setting((), "an array of channel ids")
+
+
+@dataclass(frozen=True)
 class SlackConfig:
     enabled: bool = _setting(False, "true or false")
+    api_base_url: str = _setting("https://slack.com/api/", "a URL string")
+    profiles: dict[str, SlackProfileConfig] = _table_of(SlackProfileConfig)
 
 
 SECTIONS: dict[str, type] = {
     "supervisor": SupervisorConfig,
     "logging": LoggingConfig,
     "heartbeat": HeartbeatConfig,
+    "dispatcher": DispatcherConfig,
     "slack": SlackConfig,
 }
+TABLES_OF: dict[str, type] = {"agents": AgentConfig}
 TOP_LEVEL_KEYS = ("state_dir",)
 
 
@@ -75,7 +111,9 @@ class Config:
     supervisor: SupervisorConfig = SupervisorConfig()
     logging: LoggingConfig = LoggingConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    dispatcher: DispatcherConfig = DispatcherConfig()
     slack: SlackConfig = SlackConfig()
+    agents: dict[str, AgentConfig] = field(default_factory=dict)
     runtime_dir: Path | None = None  # $RUNTIME_DIRECTORY under systemd
 
     @property
@@ -136,21 +174,45 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _build(table: dict[str, Any], path: Path | None, env: dict[str, str]) -> Config:
     where = str(path) if path else "(embedded defaults)"
     for key, value in table.items():
-        if key in SECTIONS:
+        if key in SECTIONS or key in TABLES_OF:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{key}] must be a table, got {_kind(value)}")
         elif key not in TOP_LEVEL_KEYS:
-            known = ", ".join([*TOP_LEVEL_KEYS, *(f"[{s}]" for s in SECTIONS)])
+            known = ", ".join([*TOP_LEVEL_KEYS, *(f"[{s}]" for s in [*SECTIONS, *TABLES_OF])])
             raise ConfigError(f"{where}: unknown key '{key}' (expected one of {known})")
     sections = {
         name: _section(cls, table.get(name, {}), where, name) for name, cls in SECTIONS.items()
     }
-    return Config(
+    tables = {
+        name: _tables(cls, table.get(name, {}), where, name) for name, cls in TABLES_OF.items()
+    }
+    config = Config(
         path=path.resolve() if path else None,
         state_dir=_state_dir(table, path, env, where),
         runtime_dir=_first_dir(env.get("RUNTIME_DIRECTORY")),
         **sections,
+        **tables,
     )
+    _check_references(config, where)
+    return config
+
+
+def _tables(cls: type, values: dict[str, Any], where: str, name: str) -> dict[str, Any]:
+    result = {}
+    for sub, sub_values in values.items():
+        if not isinstance(sub_values, dict):
+            raise ConfigError(f"{where}: [{name}.{sub}] must be a table, got {_kind(sub_values)}")
+        result[sub] = _section(cls, sub_values, where, f"{name}.{sub}")
+    return result
+
+
+def _check_references(config: Config, where: str) -> None:
+    for name, profile in config.slack.profiles.items():
+        if profile.agent is not None and profile.agent not in config.agents:
+            raise ConfigError(
+                f"{where}: [slack.profiles.{name}] agent: expected the name of an "
+                f"[agents.NAME] table, got {profile.agent!r}"
+            )
 
 
 def _section(cls: type, values: dict[str, Any], where: str, name: str) -> Any:
@@ -161,25 +223,42 @@ def _section(cls: type, values: dict[str, Any], where: str, name: str) -> Any:
             raise ConfigError(
                 f"{where}: unknown key '{key}' in [{name}] (expected one of {', '.join(fields)})"
             )
-        chosen[key] = _checked(fields[key], value, f"{where}: [{name}] {key}")
+        label = f"{where}: [{name}] {key}"
+        table_of = fields[key].metadata.get("table_of")
+        if table_of is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{label}: expected a table of tables, got {_kind(value)}")
+            chosen[key] = _tables(table_of, value, where, f"{name}.{key}")
+        else:
+            chosen[key] = _checked(fields[key], value, label)
+    for key, spec in fields.items():
+        check = spec.metadata.get("check")
+        if key not in chosen and check and not check(spec.default):
+            raise ConfigError(
+                f"{where}: [{name}] {key}: missing; expected {spec.metadata['expect']}"
+            )
     return cls(**chosen)
 
 
 def _checked(spec: dataclasses.Field, value: Any, label: str) -> Any:
     meta = spec.metadata
     wrong = ConfigError(f"{label}: expected {meta['expect']}, got {value!r} ({_kind(value)})")
-    if spec.type in (float, "float"):
+    if spec.type is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong
         value = float(value)
-    elif spec.type in (int, "int"):
+    elif spec.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong
-    elif spec.type in (bool, "bool"):
+    elif spec.type is bool:
         if not isinstance(value, bool):
             raise wrong
-    elif spec.type in (str, "str") and not isinstance(value, str):
+    elif spec.type in (str, str | None) and not isinstance(value, str):
         raise wrong
+    elif spec.type == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong
+        value = tuple(value)
     if meta["choices"] and value not in meta["choices"]:
         raise wrong
     if meta["check"] and not meta["check"](value):

@@ -36,4 +36,3 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 def atomic_write_json(path: Path, value: Any) -> None:
     text = json.dumps(value, sort_keys=True, indent=2) + "\n"
     atomic_write_bytes(path, text.encode())
-
