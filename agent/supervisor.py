@@ -44,7 +44,8 @@ class Supervisor:
             "systemd" if environ.get("INVOCATION_ID") else "standalone"
         )
         self.notifier = Notifier(environ)
-        self.faults = parse_faults(environ.get(ENV_VAR), WORKER_NAMES)
+        self._fault_spec = environ.get(ENV_VAR)
+        self.faults: dict[str, str] = {}
         self.lock = SupervisorLock(config.lock_path)
         self.children = ChildProcesses()
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -64,6 +65,7 @@ class Supervisor:
     def run(self) -> int:
         """The whole life of a supervisor process; returns its exit code."""
         try:
+            self.faults = parse_faults(self._fault_spec, WORKER_NAMES)
             self.lock.acquire()
         except errors.AgentError as exc:
             self.notifier.failed(str(exc))

@@ -119,6 +119,7 @@ class WorkerRunner:
         self.last_error: str | None = None
         self.state = WorkerState.STOPPED
         self.first_attempt_done = threading.Event()
+        self.gave_up = False  # crashed restart_limit times within restart_window: stays error
         self._slow_stop_seconds = stop_timeout * 3 + 5
         self._crashes: deque[float] = deque()
         self._lock = threading.Lock()
@@ -186,6 +187,7 @@ class WorkerRunner:
             "restarts": restarts,
             "last_error": last_error,
             "fault": self.fault,
+            "gave_up": self.gave_up,
             "detail": self._health_detail(),
         }
 
@@ -305,6 +307,7 @@ class WorkerRunner:
     def _gave_up(self) -> bool:
         if len(self._crashes) < self.policy.limit:
             return False
+        self.gave_up = True
         event(
             "worker.error",
             f"worker {self.name} crashed {len(self._crashes)} times within "
@@ -354,5 +357,6 @@ class DisabledWorker:
             "restarts": 0,
             "last_error": None,
             "fault": None,
+            "gave_up": False,
             "detail": {},
         }

@@ -1,0 +1,258 @@
+"""Integration: real agentctl processes against a temporary state_dir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.helpers import pid_alive, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_start_status_stop_round_trip(agent_env):
+    pid = agent_env.start()
+    code, report = agent_env.status()
+    assert code == 0
+    sup = report["supervisor"]
+    assert (sup["state"], sup["health"], sup["pid"], sup["manager"]) == (
+        "running",
+        "healthy",
+        pid,
+        "standalone",
+    )
+    assert sup["config"] == str(agent_env.config_path)
+    assert {w["name"]: w["state"] for w in report["workers"]} == {
+        "queue": "running",
+        "dispatcher": "running",
+        "slack": "disabled",
+        "heartbeat": "disabled",
+    }
+
+    done = agent_env.stop()
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"stopped (pid {pid})"
+    assert not pid_alive(pid)
+    code, report = agent_env.status()
+    assert code == 3
+    assert report["supervisor"]["state"] == "stopped"
+    assert report["supervisor"]["outcome"] == "clean"
+    assert {w["state"] for w in report["workers"]} == {"stopped", "disabled"}
+
+
+def test_stop_when_not_running_is_a_quiet_success(agent_env):
+    first = agent_env.stop()
+    assert (first.returncode, first.stdout.strip()) == (0, "not running")
+    agent_env.start()
+    assert agent_env.stop().returncode == 0
+    again = agent_env.stop()
+    assert (again.returncode, again.stdout.strip()) == (0, "not running")
+
+
+def test_duplicate_start_is_refused_with_the_running_pid(agent_env):
+    pid = agent_env.start()
+    done = agent_env.agentctl("start")
+    assert done.returncode == 1
+    assert f"already running (pid {pid})" in done.stderr
+    assert agent_env.status()[1]["supervisor"]["pid"] == pid
+
+
+def test_concurrent_starts_leave_exactly_one_supervisor(agent_env):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent", "start"],
+            env=agent_env.cmd_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(20)
+    ]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    winners = [out for code, out, _ in results if code == 0]
+    losers = [err for code, _, err in results if code != 0]
+    assert len(winners) == 1, results
+    pid = int(winners[0].strip().rsplit("pid ", 1)[1].rstrip(")"))
+    assert len(losers) == 19
+    assert all(f"already running (pid {pid})" in err for err in losers), losers
+    assert agent_env.status()[1]["supervisor"]["pid"] == pid
+    assert len(agent_env.events("supervisor.ready")) == 1
+
+
+def test_restart_gives_a_fresh_runtime_with_the_same_config(agent_env):
+    pid = agent_env.start()
+    before = agent_env.status()[1]["supervisor"]
+    done = agent_env.agentctl("restart")
+    assert done.returncode == 0, done.stderr
+    after = agent_env.status()[1]["supervisor"]
+    assert after["state"] == "running"
+    assert after["pid"] != pid and not pid_alive(pid)
+    assert after["started_at"] > before["started_at"]
+    assert after["config"] == before["config"]
+    assert after["previous_run"]["outcome"] == "clean"
+    assert {w["state"] for w in agent_env.status()[1]["workers"]} == {"running", "disabled"}
+
+
+def test_crashing_worker_ends_in_error_and_degrades_health(agent_env):
+    agent_env.start(AGENT_FAULT_INJECT="queue:crash")
+    worker = wait_for(
+        lambda: (w := _worker_in(agent_env, "queue", "error")) and w["gave_up"] and w,
+        what="queue to stay in error",
+    )
+    assert "fault injection" in worker["last_error"]
+    assert worker["restarts"] == 2  # restart_limit 3: the first run and two restarts
+    code, report = agent_env.status()
+    assert code == 2
+    assert report["supervisor"]["health"] == "degraded"
+    assert _worker_state(report, "dispatcher") == "running"
+    errors = agent_env.events("worker.error")
+    assert errors and all(e["worker"] == "queue" for e in errors)
+    assert "fault injection" in errors[0]["message"]
+    assert len(agent_env.events("worker.restarting")) == 2
+    human = agent_env.agentctl("status")
+    assert human.returncode == 2
+    assert "degraded" in human.stdout and "fault injection" in human.stdout
+
+
+def test_hanging_worker_is_reported_hung(agent_env):
+    agent_env.start(AGENT_FAULT_INJECT="dispatcher:hang")
+    worker = wait_for(lambda: _worker_in(agent_env, "dispatcher", "hung"), what="hung dispatcher")
+    assert worker["heartbeat_age_s"] >= 2
+    assert agent_env.status()[0] == 2
+    hung = wait_for(lambda: agent_env.events("worker.hung"), what="worker.hung event")
+    assert hung[0]["worker"] == "dispatcher" and hung[0]["level"] == "error"
+    assert agent_env.stop().returncode == 0  # a hung worker still honours its stop event
+
+
+def test_slow_stop_times_out_names_the_worker_and_records_it(agent_env):
+    agent_env.write_config(supervisor={"stop_timeout": 1})
+    pid = agent_env.start(AGENT_FAULT_INJECT="queue:slow-stop")
+    done = agent_env.stop()
+    assert done.returncode == 0
+    assert "shutdown timeout waiting for workers: queue" in done.stderr
+    assert not pid_alive(pid)
+    code, report = agent_env.status()
+    assert code == 3
+    sup = report["supervisor"]
+    assert sup["outcome"] == "shutdown_timeout"
+    assert sup["last_error"] == "shutdown timeout waiting for workers: queue"
+    queue = _worker_state(report, "queue", whole=True)
+    assert (queue["state"], queue["last_error"]) == ("error", "shutdown timeout")
+    assert _worker_state(report, "dispatcher") == "stopped"
+    timeout = agent_env.events("supervisor.shutdown.timeout")
+    assert len(timeout) == 1 and timeout[0]["level"] == "error"
+    assert timeout[0]["workers"] == "queue"
+
+
+def test_second_signal_escalates_a_graceful_stop(agent_env):
+    agent_env.write_config(supervisor={"stop_timeout": 30})
+    pid = agent_env.start(AGENT_FAULT_INJECT="queue:slow-stop")
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: agent_env.events("supervisor.stopping"), what="graceful stop to begin")
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="supervisor to exit")
+    sup = agent_env.status()[1]["supervisor"]
+    assert sup["outcome"] == "forced"
+    assert sup["last_error"] == "forced stop while waiting for workers: queue"
+    assert agent_env.events("supervisor.shutdown.forced")
+
+
+def test_kill_9_shows_crashed_and_the_next_start_recovers(agent_env):
+    pid = agent_env.start()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), what="killed supervisor to vanish")
+    code, report = agent_env.status()
+    assert code == 1
+    assert report["supervisor"]["state"] == "crashed"
+    assert report["supervisor"]["health"] is None
+    assert {w["state"] for w in report["workers"]} == {"stopped", "disabled"}
+    assert "crashed" in agent_env.agentctl("status").stdout
+
+    new_pid = agent_env.start()
+    code, report = agent_env.status()
+    assert code == 0 and new_pid != pid
+    assert report["supervisor"]["previous_run"]["outcome"] == "crashed"
+    assert report["supervisor"]["previous_run"]["pid"] == pid
+    stale = agent_env.events("supervisor.stale_state")
+    assert len(stale) == 1 and str(pid) in stale[0]["message"]
+
+
+def test_stop_escalates_to_sigkill_when_the_supervisor_does_not_exit(agent_env):
+    agent_env.write_config(supervisor={"stop_timeout": 0.5})
+    pid = agent_env.start()
+    os.kill(pid, signal.SIGSTOP)  # frozen: it cannot act on SIGTERM
+    done = agent_env.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"killed (pid {pid})"
+    assert "sent SIGKILL" in done.stderr
+    assert not pid_alive(pid)
+    sup = agent_env.status()[1]["supervisor"]
+    assert (sup["state"], sup["outcome"]) == ("stopped", "killed")
+    assert agent_env.events("supervisor.killed")
+
+
+def test_start_reports_why_the_supervisor_died_before_ready(agent_env):
+    done = agent_env.agentctl("start", AGENT_FAULT_INJECT="queue:explode")
+    assert done.returncode != 0
+    assert "failed to start" in done.stderr
+    assert "AGENT_FAULT_INJECT" in done.stderr and "queue:explode" in done.stderr
+    assert agent_env.status()[0] == 3
+
+
+def test_bad_config_exits_78_naming_file_key_and_expectation(agent_env):
+    agent_env.config_path.write_text('[supervisor]\nstop_timeout = "soon"\n')
+    for command in ("start", "status", "run", "stop"):
+        done = agent_env.agentctl(command)
+        assert done.returncode == 78, (command, done.stderr)
+        assert str(agent_env.config_path) in done.stderr
+        assert "[supervisor] stop_timeout" in done.stderr
+        assert "expected a number of seconds" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_cycles_with_status_readers_never_see_an_unreadable_state(agent_env):
+    stop_reading = threading.Event()
+    problems: list[str] = []
+
+    def read_status() -> None:
+        while not stop_reading.is_set():
+            done = agent_env.agentctl("status", "--json")
+            try:
+                report = json.loads(done.stdout)
+            except ValueError:
+                problems.append(f"unparsable status: {done.stdout!r} {done.stderr!r}")
+                continue
+            if done.returncode not in (0, 3) or "not valid JSON" in str(report):
+                problems.append(f"status exit {done.returncode}: {report['supervisor']}")
+
+    readers = [threading.Thread(target=read_status) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for cycle in range(50):
+            pid = agent_env.start()
+            assert agent_env.status()[0] == 0
+            if cycle % 2:
+                done = agent_env.agentctl("restart")
+                assert done.returncode == 0, done.stderr
+            assert agent_env.stop().returncode == 0
+            assert not pid_alive(pid)
+    finally:
+        stop_reading.set()
+        for reader in readers:
+            reader.join()
+    assert problems == []
+
+
+def _worker_state(report, name, whole=False):
+    worker = next(w for w in report["workers"] if w["name"] == name)
+    return worker if whole else worker["state"]
+
+
+def _worker_in(agent_env, name, state):
+    worker = agent_env.worker(name)
+    return worker if worker["state"] == state else None
