@@ -22,8 +22,12 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """Poll until predicate() is truthy; return its value, or fail naming what never came."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -52,23 +56,38 @@ class AgentEnv:
         return self.root / "agent.toml"
 
     def write_config(self, **sections: dict[str, Any]) -> None:
-        self.config = {"supervisor": {"stop_timeout": 3, "hang_timeout": 2,
-                                      "restart_backoff": 0.1, "restart_limit": 3}}
+        self.config = {
+            "supervisor": {
+                "stop_timeout": 3,
+                "hang_timeout": 2,
+                "restart_backoff": 0.1,
+                "restart_limit": 3,
+            }
+        }
         for name, values in sections.items():
             self.config.setdefault(name, {}).update(values)
         self.config_path.write_text(_toml(self.state_dir, self.config))
 
     def cmd_env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "AGENT_FAULT_INJECT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "AGENT_FAULT_INJECT")
+        }
         env.update(AGENT_CONFIG=str(self.config_path), AGENT_MANAGER="standalone")
         env.update(self.env)
         env.update(extra)
         return env
 
     def agentctl(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                              text=True, timeout=timeout, env=self.cmd_env(**env), check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.cmd_env(**env),
+            check=False,
+        )
 
     def start(self, **env: str) -> int:
         done = self.agentctl("start", **env)
