@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from agent.config import SYSTEM_STATE_DIR, load_config
+from agent.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_embedded_defaults_use_per_user_directories(monkeypatch):
+    monkeypatch.delenv("AGENT_CONFIG", raising=False)
+    monkeypatch.setattr("agent.config.SYSTEM_CONFIG", Path("/nonexistent/agent.toml"))
+    config = load_config(None, env={"HOME": "/home/op"})
+    assert config.path is None
+    assert config.state_dir == Path("/home/op/.local/state/agent")
+    assert config.supervisor.stop_timeout == 10.0
+    assert config.heartbeat.interval == 0.0 and config.slack.enabled is False
+
+
+def test_state_dir_key_wins_and_is_relative_to_the_config_file(tmp_path):
+    path = write(tmp_path, 'state_dir = "data"\n')
+    config = load_config(path, env={"STATE_DIRECTORY": "/var/lib/agent"})
+    assert config.state_dir == tmp_path / "data"
+    assert config.lock_path == tmp_path / "data" / "agent.lock"
+    assert config.state_path == tmp_path / "data" / "state.json"
+
+
+def test_systemd_directories_are_honoured(tmp_path):
+    path = write(tmp_path, "")
+    config = load_config(
+        path, env={"STATE_DIRECTORY": "/var/lib/agent:/x", "RUNTIME_DIRECTORY": "/run/agent"}
+    )
+    assert config.state_dir == SYSTEM_STATE_DIR
+    assert config.runtime_dir == Path("/run/agent")
+
+
+def test_agent_config_variable_selects_the_file(tmp_path):
+    path = write(tmp_path, "[supervisor]\nstop_timeout = 2\n")
+    assert load_config(None, env={"AGENT_CONFIG": path}).supervisor.stop_timeout == 2.0
+
+
+def test_sections_and_tables_parse(tmp_path):
+    path = write(
+        tmp_path,
+        """
+[supervisor]
+stop_timeout = 4
+restart_limit = 2
+[heartbeat]
+interval = 30
+[agents.default]
+command = ["claude", "-p"]
+timeout = 120
+[slack]
+enabled = true
+[slack.profiles.main]
+bot_token_file = "bot"
+app_token_file = "app"
+agent = "default"
+""",
+    )
+    config = load_config(path, env={})
+    assert config.supervisor.restart_limit == 2
+    assert config.agents["default"].command == ("claude", "-p")
+    assert config.slack.profiles["main"].agent == "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[supervisor]\nstop_timeout = 'ten'\n",
+            "[supervisor] stop_timeout: expected a number of seconds > 0, got 'ten' (string)",
+        ),
+        ("[supervisor]\nstop_timeout = -1\n", "[supervisor] stop_timeout: expected a number"),
+        (
+            "[supervisor]\nrestart_limit = 1.5\n",
+            "[supervisor] restart_limit: expected a whole number",
+        ),
+        ("[supervisor]\nstop_timout = 3\n", "unknown key 'stop_timout' in [supervisor]"),
+        ("[slack]\nenabled = 'yes'\n", "[slack] enabled: expected true or false"),
+        ("[logging]\nsink = 'syslog'\n", "[logging] sink: expected one of auto, journald, file"),
+        ("colour = 1\n", "unknown key 'colour'"),
+        ("supervisor = 3\n", "[supervisor] must be a table, got integer"),
+        ("state_dir = 5\n", "state_dir: expected a directory path string"),
+        ("[agents.x]\ntimeout = 3\n", "[agents.x] command: missing; expected a non-empty array"),
+        ("[agents.x]\ncommand = 'cat'\n", "[agents.x] command: expected a non-empty array"),
+        (
+            "[slack.profiles.p]\nbot_token_file = 'b'\napp_token_file = 'a'\nagent = 'nobody'\n",
+            "[slack.profiles.p] agent: expected the name of an [agents.NAME] table, got 'nobody'",
+        ),
+        ("[supervisor\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_file_key_and_expectation(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value).startswith(path)
+    assert message in str(caught.value)
+    assert caught.value.exit_code == 78
+
+
+def test_missing_explicit_config_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "absent.toml"), env={})

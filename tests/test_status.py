@@ -1,0 +1,165 @@
+"""status derives its verdict from live evidence: the lock, the clock, the saved state."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.clock import parse_iso
+from agent.config import load_config
+from agent.lock import SupervisorLock
+from agent.state import write_state
+from agent.status import collect_status, render_status, status_exit_code
+
+NOW = parse_iso("2026-11-24T07:00:10.000Z")
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(f'state_dir = "{tmp_path}/state"\n[supervisor]\nhang_timeout = 5\n')
+    config = load_config(str(path), env={})
+    config.state_dir.mkdir()
+    return config
+
+
+def saved(phase="ready", beat="2026-11-24T07:00:09.600Z", worker_state="running", **sup):
+    return {
+        "supervisor": {
+            "pid": 4242,
+            "phase": phase,
+            "outcome": "running",
+            "started_at": "2026-11-24T06:00:00.123Z",
+            "updated_at": "2026-11-24T07:00:09.900Z",
+            "manager": "standalone",
+            "config": "/etc/agent/agent.toml",
+            "log_sink": "file",
+            "hang_timeout": 5,
+            "last_error": None,
+            **sup,
+        },
+        "workers": [
+            {
+                "name": "queue",
+                "state": worker_state,
+                "last_heartbeat": beat,
+                "restarts": 0,
+                "last_error": None,
+                "detail": {"depth": 3},
+            },
+            {
+                "name": "slack",
+                "state": "disabled",
+                "last_heartbeat": None,
+                "restarts": 0,
+                "last_error": None,
+                "detail": {},
+            },
+        ],
+    }
+
+
+@pytest.fixture
+def held(config):
+    lock = SupervisorLock(config.lock_path)
+    lock.acquire()
+    yield lock
+    lock.release()
+
+
+def test_running_and_healthy(config, held):
+    write_state(config.state_path, saved())
+    report = collect_status(config, now=NOW)
+    assert report["supervisor"]["state"] == "running"
+    assert report["supervisor"]["health"] == "healthy"
+    assert report["supervisor"]["uptime_s"] == 3609.9
+    queue = report["workers"][0]
+    assert list(queue)[:6] == [
+        "name",
+        "state",
+        "last_heartbeat",
+        "heartbeat_age_s",
+        "restarts",
+        "last_error",
+    ]
+    assert queue["heartbeat_age_s"] == 0.4
+    assert status_exit_code(report) == 0
+
+
+def test_human_status_snapshot(config, held):
+    write_state(config.state_path, saved())
+    text = render_status(collect_status(config, now=NOW))
+    assert (
+        text
+        == f"""\
+agent supervisor: running (healthy)
+  pid:        {os.getpid()}
+  started:    2026-11-24T06:00:00.123Z (up 1h00m09s)
+  manager:    standalone
+  config:     /etc/agent/agent.toml
+  state dir:  {config.state_dir}
+  logs:       file
+  last error: -
+
+WORKER  STATE     HEARTBEAT  RESTARTS  DETAIL   LAST ERROR
+queue   running   0.4s ago   0         depth=3  -
+slack   disabled  -          0         -        -"""
+    )
+
+
+def test_old_heartbeat_is_hung_even_if_the_file_says_running(config, held):
+    write_state(config.state_path, saved(beat="2026-11-24T07:00:01.000Z"))
+    report = collect_status(config, now=NOW)
+    queue = report["workers"][0]
+    assert queue["state"] == "hung" and queue["last_error"] == "no heartbeat for 9.0s"
+    assert report["supervisor"]["health"] == "degraded"
+    assert status_exit_code(report) == 2
+
+
+def test_worker_in_error_degrades(config, held):
+    write_state(config.state_path, saved(worker_state="error"))
+    assert status_exit_code(collect_status(config, now=NOW)) == 2
+
+
+def test_a_silent_supervisor_loop_degrades(config, held):
+    write_state(config.state_path, saved(updated_at="2026-11-24T06:59:00.000Z"))
+    report = collect_status(config, now=NOW)
+    assert report["supervisor"]["health"] == "degraded"
+    assert "has not updated its state for 70s" in report["supervisor"]["last_error"]
+
+
+def test_state_says_running_but_nobody_holds_the_lock_is_crashed(config):
+    write_state(config.state_path, saved())
+    report = collect_status(config, now=NOW)
+    assert (report["supervisor"]["state"], report["supervisor"]["outcome"]) == (
+        "crashed",
+        "crashed",
+    )
+    assert report["workers"][0]["state"] == "stopped"
+    assert report["workers"][0]["heartbeat_age_s"] is None
+    assert status_exit_code(report) == 1
+
+
+def test_clean_stop_and_never_started(config):
+    assert status_exit_code(collect_status(config, now=NOW)) == 3
+    write_state(
+        config.state_path,
+        saved(
+            phase="stopped",
+            outcome="clean",
+            stopped_at="2026-11-24T07:00:00.000Z",
+            worker_state="stopped",
+        ),
+    )
+    report = collect_status(config, now=NOW)
+    assert (report["supervisor"]["state"], report["supervisor"]["outcome"]) == ("stopped", "clean")
+    assert report["supervisor"]["health"] is None
+    assert status_exit_code(report) == 3
+    assert "outcome:    clean" in render_status(report)
+
+
+def test_unreadable_state_with_a_live_lock_is_degraded_not_a_traceback(config, held):
+    Path(config.state_path).write_text("{")
+    report = collect_status(config, now=NOW)
+    assert report["supervisor"]["health"] == "degraded"
+    assert "not valid JSON" in report["supervisor"]["last_error"]
