@@ -4,7 +4,6 @@ Modules are imported inside each command so that `agentctl status` stays about a
 as a bare interpreter start.
 """
 
-import json
 import sys
 
 import click
@@ -114,11 +113,9 @@ def restart(ctx: click.Context) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Supervisor and per-worker health. Exit: 0 healthy, 1 crashed, 2 degraded, 3 stopped."""
-    from agent.status import collect_status, render_status, status_exit_code
+    from agent.status import print_status
 
-    report = collect_status(_config(ctx))
-    click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
-    ctx.exit(status_exit_code(report))
+    ctx.exit(print_status(_config(ctx), as_json))
 
 
 @main.command()
@@ -160,3 +157,39 @@ def logs(
     )
     for line in show_logs(_config(ctx), flt, limit, follow, as_json):
         click.echo(line)
+
+
+@main.command()
+@click.option("--agent", "agent_name", metavar="NAME", help="Target agent (default: 'default').")
+@click.option("--conversation", metavar="ID", help="Conversation id: messages in one run in order.")
+@click.option("--wait", is_flag=True, help="Wait for the reply and print it.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="With --wait: seconds to wait before giving up (exit 1).",
+)
+@click.argument("text")
+@click.pass_context
+def send(
+    ctx: click.Context,
+    agent_name: str | None,
+    conversation: str | None,
+    wait: bool,
+    timeout: float,
+    text: str,
+) -> None:
+    """Enqueue a local message for an agent; with --wait, print its reply."""
+    from agent.send import send as enqueue
+    from agent.send import wait_for_reply
+
+    config = _config(ctx)
+    sent = enqueue(config, text, agent=agent_name, conversation=conversation)
+    if not sent.supervisor_running:
+        click.echo("agentctl: warning: no supervisor is running; the message waits", err=True)
+    if not wait:
+        click.echo(f"queued local message {sent.message_id}")
+        return
+    reply = wait_for_reply(config, sent.message_id, timeout)
+    click.echo(reply.get("message", ""))

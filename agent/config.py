@@ -3,12 +3,15 @@
 Which file: `--config PATH`, else `$AGENT_CONFIG`, else /etc/agent/agent.toml when it
 exists, else none (embedded defaults with per-user directories). Every problem is a
 ConfigError naming the file, the key and what was expected (exit 78).
+
+Each section declares its keys as `Setting`s (default, kind, what it expects). This is a
+small hand-rolled schema rather than dataclasses because `agentctl status` loads the
+config on every call, and importing dataclasses costs a third of an interpreter start.
 """
 
-import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,103 +21,146 @@ SYSTEM_CONFIG = Path("/etc/agent/agent.toml")
 SYSTEM_STATE_DIR = Path("/var/lib/agent")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_SINKS = ("auto", "journald", "file")
+SECONDS = "a number of seconds > 0"
+
+
+class Setting:
+    """One key: its default, its kind, and what it expects (said in error messages)."""
+
+    def __init__(
+        self,
+        default: Any,
+        kind: str,
+        expect: str,
+        check: Callable[[Any], bool] | None = None,
+        choices: tuple[str, ...] = (),
+        table_of: type | None = None,
+    ):
+        self.default, self.kind, self.expect = default, kind, expect
+        self.check, self.choices, self.table_of = check, choices, table_of
+
+    @property
+    def required(self) -> bool:
+        return self.check is not None and not self.check(self.default)
 
 
 def _positive(value: float) -> bool:
     return value > 0
 
 
-def _non_negative(value: float) -> bool:
-    return value >= 0
+class Section:
+    """A config table: attributes from FIELDS, filled with defaults where the file is silent."""
+
+    FIELDS: dict[str, Setting] = {}
+
+    def __init__(self, **values: Any):
+        for name, setting in self.FIELDS.items():
+            default = dict(setting.default) if setting.kind == "tables" else setting.default
+            setattr(self, name, values.get(name, default))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
 
 
-def _setting(default: Any, expect: str, check=None, choices: tuple[str, ...] = ()) -> Any:
-    """A dataclass field carrying what the key expects, for error messages."""
-    return field(default=default, metadata={"expect": expect, "check": check, "choices": choices})
+class SupervisorConfig(Section):
+    FIELDS = {
+        "stop_timeout": Setting(10.0, "float", SECONDS, _positive),
+        "hang_timeout": Setting(10.0, "float", SECONDS, _positive),
+        "restart_backoff": Setting(1.0, "float", SECONDS, _positive),
+        "restart_backoff_max": Setting(30.0, "float", SECONDS, _positive),
+        "restart_limit": Setting(5, "int", "a whole number >= 1", lambda v: v >= 1),
+        "restart_window": Setting(60.0, "float", SECONDS, _positive),
+    }
 
 
-def _table_of(cls: type) -> Any:
-    """A field holding named sub-tables, like [slack.profiles.NAME]."""
-    return field(default_factory=dict, metadata={"table_of": cls})
+class LoggingConfig(Section):
+    FIELDS = {
+        "sink": Setting("auto", "str", "one of auto, journald, file", choices=LOG_SINKS),
+        "level": Setting("info", "str", "one of debug, info, warning, error", choices=LOG_LEVELS),
+    }
 
 
-@dataclass(frozen=True)
-class SupervisorConfig:
-    stop_timeout: float = _setting(10.0, "a number of seconds > 0", _positive)
-    hang_timeout: float = _setting(10.0, "a number of seconds > 0", _positive)
-    restart_backoff: float = _setting(1.0, "a number of seconds > 0", _positive)
-    restart_backoff_max: float = _setting(30.0, "a number of seconds > 0", _positive)
-    restart_limit: int = _setting(5, "a whole number >= 1", lambda v: v >= 1)
-    restart_window: float = _setting(60.0, "a number of seconds > 0", _positive)
+class HeartbeatConfig(Section):
+    FIELDS = {
+        "interval": Setting(
+            0.0, "float", "a number of seconds >= 0 (0 disables)", lambda v: v >= 0
+        ),
+    }
 
 
-@dataclass(frozen=True)
-class LoggingConfig:
-    sink: str = _setting("auto", "one of auto, journald, file", choices=LOG_SINKS)
-    level: str = _setting("info", "one of debug, info, warning, error", choices=LOG_LEVELS)
+class DispatcherConfig(Section):
+    FIELDS = {
+        "concurrency": Setting(4, "int", "a whole number >= 1", lambda v: v >= 1),
+        "max_attempts": Setting(3, "int", "a whole number >= 1", lambda v: v >= 1),
+        "retry_backoff": Setting(1.0, "float", SECONDS, _positive),
+        "retry_backoff_max": Setting(60.0, "float", SECONDS, _positive),
+    }
 
 
-@dataclass(frozen=True)
-class HeartbeatConfig:
-    interval: float = _setting(0.0, "a number of seconds >= 0 (0 disables)", _non_negative)
-
-
-@dataclass(frozen=True)
-class DispatcherConfig:
-    concurrency: int = _setting(4, "a whole number >= 1", lambda v: v >= 1)
-    max_attempts: int = _setting(3, "a whole number >= 1", lambda v: v >= 1)
-    retry_backoff: float = _setting(1.0, "a number of seconds > 0", _positive)
-    retry_backoff_max: float = _setting(60.0, "a number of seconds > 0", _positive)
-
-
-@dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(Section):
     """[agents.NAME]: the AI agent command a message is handed to (argv, no shell)."""
 
-    command: tuple[str, ...] = _setting((), "a non-empty array of strings (argv)", bool)
-    timeout: float = _setting(300.0, "a number of seconds > 0", _positive)
-    workdir: str | None = _setting(None, "a directory path string")
+    FIELDS = {
+        "command": Setting((), "argv", "a non-empty array of strings (argv)", bool),
+        "timeout": Setting(300.0, "float", SECONDS, _positive),
+        "workdir": Setting(None, "optional_str", "a directory path string"),
+    }
 
 
-@dataclass(frozen=True)
-class SlackProfileConfig:
+class SlackProfileConfig(Section):
     """[slack.profiles.NAME]: one Slack app connection."""
 
-    bot_token_file: str = _setting("", "a file path string (xoxb- token)", bool)
-    app_token_file: str = _setting("", "a file path string (xapp- token)", bool)
-    agent: str | None = _setting(None, "the name of an [agents.NAME] table")
-    channels: tuple[str, ...] = _setting((), "an array of channel ids")
+    FIELDS = {
+        "bot_token_file": Setting("", "str", "a file path string (xoxb- token)", bool),
+        "app_token_file": Setting("", "str", "a file path string (xapp- token)", bool),
+        "agent": Setting(None, "optional_str", "the name of an [agents.NAME] table"),
+        "channels": Setting((), "argv", "an array of channel ids"),
+    }
 
 
-@dataclass(frozen=True)
-class SlackConfig:
-    enabled: bool = _setting(False, "true or false")
-    api_base_url: str = _setting("https://slack.com/api/", "a URL string")
-    profiles: dict[str, SlackProfileConfig] = _table_of(SlackProfileConfig)
+class SlackConfig(Section):
+    FIELDS = {
+        "enabled": Setting(False, "bool", "true or false"),
+        "api_base_url": Setting("https://slack.com/api/", "str", "a URL string"),
+        "profiles": Setting(
+            {}, "tables", "a table of [slack.profiles.NAME] tables", table_of=SlackProfileConfig
+        ),
+    }
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[Section]] = {
     "supervisor": SupervisorConfig,
     "logging": LoggingConfig,
     "heartbeat": HeartbeatConfig,
     "dispatcher": DispatcherConfig,
     "slack": SlackConfig,
 }
-TABLES_OF: dict[str, type] = {"agents": AgentConfig}
+TABLES_OF: dict[str, type[Section]] = {"agents": AgentConfig}
 TOP_LEVEL_KEYS = ("state_dir",)
 
 
-@dataclass(frozen=True)
 class Config:
-    path: Path | None  # the file it came from; None means embedded defaults
-    state_dir: Path
-    supervisor: SupervisorConfig = SupervisorConfig()
-    logging: LoggingConfig = LoggingConfig()
-    heartbeat: HeartbeatConfig = HeartbeatConfig()
-    dispatcher: DispatcherConfig = DispatcherConfig()
-    slack: SlackConfig = SlackConfig()
-    agents: dict[str, AgentConfig] = field(default_factory=dict)
-    runtime_dir: Path | None = None  # $RUNTIME_DIRECTORY under systemd
+    def __init__(
+        self,
+        path: Path | None,
+        state_dir: Path,
+        runtime_dir: Path | None = None,
+        agents: dict[str, AgentConfig] | None = None,
+        **sections: Section,
+    ):
+        self.path = path  # the file it came from; None means embedded defaults
+        self.state_dir = state_dir
+        self.runtime_dir = runtime_dir  # $RUNTIME_DIRECTORY under systemd
+        self.agents = agents or {}
+        self.supervisor: SupervisorConfig = sections.get("supervisor") or SupervisorConfig()
+        self.logging: LoggingConfig = sections.get("logging") or LoggingConfig()
+        self.heartbeat: HeartbeatConfig = sections.get("heartbeat") or HeartbeatConfig()
+        self.dispatcher: DispatcherConfig = sections.get("dispatcher") or DispatcherConfig()
+        self.slack: SlackConfig = sections.get("slack") or SlackConfig()
 
     @property
     def lock_path(self) -> Path:
@@ -183,21 +229,18 @@ def _build(table: dict[str, Any], path: Path | None, env: dict[str, str]) -> Con
     sections = {
         name: _section(cls, table.get(name, {}), where, name) for name, cls in SECTIONS.items()
     }
-    tables = {
-        name: _tables(cls, table.get(name, {}), where, name) for name, cls in TABLES_OF.items()
-    }
     config = Config(
         path=path.resolve() if path else None,
         state_dir=_state_dir(table, path, env, where),
         runtime_dir=_first_dir(env.get("RUNTIME_DIRECTORY")),
+        agents=_tables(AgentConfig, table.get("agents", {}), where, "agents"),
         **sections,
-        **tables,
     )
     _check_references(config, where)
     return config
 
 
-def _tables(cls: type, values: dict[str, Any], where: str, name: str) -> dict[str, Any]:
+def _tables(cls: type[Section], values: dict[str, Any], where: str, name: str) -> dict[str, Any]:
     result = {}
     for sub, sub_values in values.items():
         if not isinstance(sub_values, dict):
@@ -215,55 +258,54 @@ def _check_references(config: Config, where: str) -> None:
             )
 
 
-def _section(cls: type, values: dict[str, Any], where: str, name: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def _section(cls: type[Section], values: dict[str, Any], where: str, name: str) -> Section:
     chosen: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in fields:
+        setting = cls.FIELDS.get(key)
+        if setting is None:
             raise ConfigError(
-                f"{where}: unknown key '{key}' in [{name}] (expected one of {', '.join(fields)})"
+                f"{where}: unknown key '{key}' in [{name}] "
+                f"(expected one of {', '.join(cls.FIELDS)})"
             )
         label = f"{where}: [{name}] {key}"
-        table_of = fields[key].metadata.get("table_of")
-        if table_of is not None:
+        if setting.table_of is not None:
             if not isinstance(value, dict):
-                raise ConfigError(f"{label}: expected a table of tables, got {_kind(value)}")
-            chosen[key] = _tables(table_of, value, where, f"{name}.{key}")
+                raise ConfigError(f"{label}: expected {setting.expect}, got {_kind(value)}")
+            chosen[key] = _tables(setting.table_of, value, where, f"{name}.{key}")
         else:
-            chosen[key] = _checked(fields[key], value, label)
-    for key, spec in fields.items():
-        check = spec.metadata.get("check")
-        if key not in chosen and check and not check(spec.default):
-            raise ConfigError(
-                f"{where}: [{name}] {key}: missing; expected {spec.metadata['expect']}"
-            )
+            chosen[key] = _checked(setting, value, label)
+    for key, setting in cls.FIELDS.items():
+        if key not in chosen and setting.required:
+            raise ConfigError(f"{where}: [{name}] {key}: missing; expected {setting.expect}")
     return cls(**chosen)
 
 
-def _checked(spec: dataclasses.Field, value: Any, label: str) -> Any:
-    meta = spec.metadata
-    wrong = ConfigError(f"{label}: expected {meta['expect']}, got {value!r} ({_kind(value)})")
-    if spec.type is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise wrong
+_KIND_TESTS: dict[str, Callable[[Any], bool]] = {
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "optional_str": lambda v: isinstance(v, str),
+    "argv": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
+
+
+def _checked(setting: Setting, value: Any, label: str) -> Any:
+    if not _KIND_TESTS[setting.kind](value):
+        raise _wrong(setting, value, label)
+    if setting.kind == "float":
         value = float(value)
-    elif spec.type is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-    elif spec.type is bool:
-        if not isinstance(value, bool):
-            raise wrong
-    elif spec.type in (str, str | None) and not isinstance(value, str):
-        raise wrong
-    elif spec.type == tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise wrong
+    elif setting.kind == "argv":
         value = tuple(value)
-    if meta["choices"] and value not in meta["choices"]:
-        raise wrong
-    if meta["check"] and not meta["check"](value):
-        raise wrong
+    if setting.choices and value not in setting.choices:
+        raise _wrong(setting, value, label)
+    if setting.check and not setting.check(value):
+        raise _wrong(setting, value, label)
     return value
+
+
+def _wrong(setting: Setting, value: Any, label: str) -> ConfigError:
+    return ConfigError(f"{label}: expected {setting.expect}, got {value!r} ({_kind(value)})")
 
 
 def _state_dir(table: dict[str, Any], path: Path | None, env: dict[str, str], where: str) -> Path:

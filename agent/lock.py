@@ -12,8 +12,8 @@ reader's momentary shared probe, and in the latter case tries again.
 import fcntl
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.errors import AgentError, AlreadyRunning
 
@@ -21,8 +21,7 @@ READER_RETRY_SECONDS = 2.0
 PID_READ_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class LockProbe:
+class LockProbe(NamedTuple):
     held: bool
     pid: int | None
 

@@ -43,7 +43,7 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
         unhealthy = any(w["state"] in UNHEALTHY_STATES for w in workers)
         health = "degraded" if unhealthy or last_error or unreadable else "healthy"
 
-    return {
+    report = {
         "supervisor": {
             "state": state,
             "health": health,
@@ -62,6 +62,9 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
         },
         "workers": [_ordered(w, WORKER_KEYS) for w in workers],
     }
+    from agent.systemd_unit import merge_unit_facts  # systemd's view, when it manages us
+
+    return merge_unit_facts(report, config)
 
 
 WORKER_KEYS = ("name", "state", "last_heartbeat", "heartbeat_age_s", "restarts", "last_error")
@@ -188,3 +191,15 @@ def _duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m{seconds:02d}s"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def print_status(config: Config, as_json: bool) -> int:
+    """Print the report (human or JSON) and return the documented exit code."""
+    report = collect_status(config)
+    if as_json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_status(report))
+    return status_exit_code(report)
