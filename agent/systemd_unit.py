@@ -58,8 +58,10 @@ def merge_unit_facts(report: dict[str, Any], config: Config) -> dict[str, Any]:
     sup = report["supervisor"]
     sup["manager"] = sup.get("manager") or "systemd"
     result = facts.get("result")
-    if sup.get("state") != "running" and result not in (None, "success") and not sup.get(
-        "last_error"
+    if (
+        sup.get("state") != "running"
+        and result not in (None, "success")
+        and not sup.get("last_error")
     ):
         sup["last_error"] = f"systemd: {facts['unit']} ended with Result={result}"
     return report

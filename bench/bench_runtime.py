@@ -84,19 +84,31 @@ def main() -> int:
     idle_pct = 100 * cpu_used / wall
     rows = [
         ("agentctl start -> ready", f"{med(starts) * 1000:.0f} ms", "-", "-"),
-        ("agentctl stop (idle)", f"{med(stops) * 1000:.0f} ms", "< 500 ms",
-         f"{med(stops) / 0.5:.2f}x of limit"),
+        (
+            "agentctl stop (idle)",
+            f"{med(stops) * 1000:.0f} ms",
+            "< 500 ms",
+            f"{med(stops) / 0.5:.2f}x of limit",
+        ),
         ("python -c pass", f"{med(bare) * 1000:.1f} ms", "-", "-"),
-        ("agentctl status", f"{med(status) * 1000:.1f} ms", "<= 1.5x python -c pass",
-         f"{med(status) / med(bare):.2f}x"),
-        (f"idle CPU over {wall:.0f} s", f"{idle_pct:.3f} % of a core", "< 0.5 %",
-         f"{idle_pct / 0.5:.2f}x of limit"),
+        (
+            "agentctl status",
+            f"{med(status) * 1000:.1f} ms",
+            "<= 1.5x python -c pass",
+            f"{med(status) / med(bare):.2f}x",
+        ),
+        (
+            f"idle CPU over {wall:.0f} s",
+            f"{idle_pct:.3f} % of a core",
+            "< 0.5 %",
+            f"{idle_pct / 0.5:.2f}x of limit",
+        ),
         ("idle RSS", f"{rss:.1f} MB", "< 40 MB", f"{rss / 40:.2f}x of limit"),
     ]
     print(f"runs={args.runs} (medians); python={sys.executable}")
     for name, value, target, ratio in rows:
         print(f"{name:<26} {value:>16}   target {target:<24} {ratio}")
-    ok = (med(stops) < 0.5 and med(status) <= 1.5 * med(bare) and idle_pct < 0.5 and rss < 40)
+    ok = med(stops) < 0.5 and med(status) <= 1.5 * med(bare) and idle_pct < 0.5 and rss < 40
     print("all targets met" if ok else "SOME TARGETS MISSED")
     return 0 if ok else 1
 
