@@ -10,11 +10,13 @@ One thread (the main one) does all the supervising; signal handlers only enqueue
           the outcome -> exit (non-zero when it had to abandon workers)
 """
 
+import contextlib
 import logging
 import os
 import queue
 import signal
 import time
+import traceback
 from typing import Any
 
 from agent import errors
@@ -72,8 +74,27 @@ class Supervisor:
             raise
         try:
             return self._run_locked()
+        except Exception as exc:  # a bug or the machine (disk full...): record it, say it once
+            self._record_failure(exc)
+            raise errors.AgentError(f"supervisor failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.lock.release()
+
+    def _record_failure(self, exc: Exception) -> None:
+        self.outcome = Outcome.FAILED
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.notifier.failed(self.last_error)
+        event(
+            "supervisor.failed",
+            f"supervisor failed: {self.last_error}",
+            level=logging.CRITICAL,
+            error=self.last_error,
+            traceback="".join(traceback.format_exception(exc)).strip(),
+        )
+        self.children.kill_all()
+        with contextlib.suppress(Exception):
+            self.phase = Phase.STOPPED
+            self._flush_state(force=True)
 
     def _run_locked(self) -> int:
         self._install_signal_handlers()

@@ -256,3 +256,28 @@ def _worker_state(report, name, whole=False):
 def _worker_in(agent_env, name, state):
     worker = agent_env.worker(name)
     return worker if worker["state"] == state else None
+
+
+def test_a_worker_that_cannot_initialize_degrades_but_does_not_end_the_supervisor(agent_env):
+    agent_env.state_dir.mkdir(parents=True)
+    (agent_env.state_dir / "logs").mkdir()
+    (agent_env.state_dir / "queue").write_text("not a directory")  # queue cannot initialize
+    agent_env.write_config(supervisor={"restart_limit": 1})
+    pid = agent_env.start()
+    worker = wait_for(
+        lambda: (w := agent_env.worker("queue"))["gave_up"] and w, what="queue to give up"
+    )
+    assert "FileExistsError" in worker["last_error"] or "NotADirectory" in worker["last_error"]
+    assert agent_env.status()[0] == 2
+    assert pid_alive(pid)  # one broken worker degrades the supervisor, it does not end it
+
+
+def test_start_prints_why_a_supervisor_failed_after_taking_the_lock(agent_env):
+    (agent_env.state_dir / "state.json").mkdir(parents=True)  # the state cannot be written
+    done = agent_env.agentctl("start")
+    assert done.returncode == 1
+    assert "failed to start" in done.stderr and "IsADirectoryError" in done.stderr
+    assert "Traceback" not in done.stderr
+    failed = agent_env.events("supervisor.failed")
+    assert len(failed) == 1 and failed[0]["level"] == "critical"
+    assert "Traceback" in failed[0]["traceback"]  # the details are in the log, not on the screen
