@@ -184,43 +184,78 @@ def _inode(path: Path) -> int | None:
 
 
 # ---- journald sink
+#
+# `agentctl logs` is a short-lived command, so the tail is read with systemd-python's C
+# reader (systemd._reader) and converted here: importing systemd.journal and its per-field
+# converters costs more than the query itself. Following (-f) uses the full Reader.
+
+# journal field -> our key, where the key is not the lower-cased field (reverse of
+# agent.log.JOURNAL_RENAMES, which is not imported here: agent.log is slow to import)
+_KEY_OF_FIELD = {"QUEUE_MESSAGE_ID": "message_id"}
+
+
+def _journal_matches(flt: LogFilter) -> list[str]:
+    matches = ["SYSLOG_IDENTIFIER=agent"]
+    if flt.worker:
+        matches.append(f"WORKER={flt.worker}")
+    if flt.event:
+        matches.append(f"EVENT={flt.event}")
+    if flt.level:  # several values of one field: the journal ORs them
+        matches += [f"PRIORITY={p}" for p in range(PRIORITY_OF_LEVEL[flt.level] + 1)]
+    return matches
+
+
+def _no_systemd_python() -> AgentError:
+    return AgentError(
+        "the agent logs to journald, but systemd-python (python3-systemd) is not installed; "
+        "use journalctl -t agent"
+    )
+
+
+def _open_journal(cls):
+    try:
+        return cls()
+    except OSError as exc:
+        raise PermissionDenied(
+            f"cannot open the journal: {exc.strerror}; reading the system journal needs root "
+            "or membership of the systemd-journal or adm group"
+        ) from None
 
 
 def journal_reader(flt: LogFilter):
+    """A systemd.journal.Reader with our matches (for following)."""
     try:
         from systemd import journal
     except ImportError:
-        raise AgentError(
-            "the agent logs to journald, but systemd-python is not installed; "
-            "use journalctl -t agent"
-        ) from None
-    try:
-        reader = journal.Reader()
-    except OSError as exc:
-        raise PermissionDenied(f"cannot open the journal: {exc.strerror}") from None
-    reader.add_match(SYSLOG_IDENTIFIER="agent")
-    if flt.worker:
-        reader.add_match(WORKER=flt.worker)
-    if flt.event:
-        reader.add_match(EVENT=flt.event)
-    if flt.level:
-        for priority in range(PRIORITY_OF_LEVEL[flt.level] + 1):
-            reader.add_match(PRIORITY=str(priority))
+        raise _no_systemd_python() from None
+    reader = _open_journal(journal.Reader)
+    for match in _journal_matches(flt):
+        reader.add_match(match)
     return reader
 
 
 def journal_tail(flt: LogFilter, limit: int) -> list[dict[str, Any]]:
-    reader = journal_reader(flt)
+    """The last `limit` matching events, oldest first; the journal does the matching."""
+    try:
+        from systemd._reader import _Reader
+    except ImportError:
+        raise _no_systemd_python() from None
+    reader = _open_journal(_Reader)
+    for match in _journal_matches(flt):
+        reader.add_match(match)
+    since_usec = None if flt.since is None else int(flt.since * 1_000_000)
     reader.seek_tail()
     found = []
-    while len(found) < limit:
-        entry = reader.get_previous()
-        if not entry:
-            break
-        record = journal_record(entry)
-        if flt.since is not None and _record_time(record) < flt.since:
-            break
-        found.append(record)
+    try:
+        while len(found) < limit and reader._previous():
+            stamp = reader._get_realtime()
+            if since_usec is not None and stamp < since_usec:
+                break
+            entry = {k: _decode(v) for k, v in reader._get_all().items()}
+            entry["__REALTIME_TIMESTAMP"] = stamp
+            found.append(journal_record(entry))
+    finally:
+        reader.close()
     if not found and not _journal_readable_by_us():
         raise PermissionDenied(
             "no agent events visible in the journal: reading the system "
@@ -231,10 +266,16 @@ def journal_tail(flt: LogFilter, limit: int) -> list[dict[str, Any]]:
     return found
 
 
+def _decode(value: bytes | list[bytes]) -> str:
+    if isinstance(value, list):  # a field sent more than once: the last value wins
+        value = value[-1]
+    return value.decode("utf-8", "replace")
+
+
 def journal_follow(flt: LogFilter) -> Iterator[dict[str, Any]]:
     reader = journal_reader(flt)
     reader.seek_tail()
-    reader.get_previous()
+    reader.get_previous()  # after seek_tail, step back once or newer systemd yields nothing
     while True:
         for entry in reader:
             yield journal_record(entry)
@@ -242,24 +283,36 @@ def journal_follow(flt: LogFilter) -> Iterator[dict[str, Any]]:
 
 
 def journal_record(entry: dict[str, Any]) -> dict[str, Any]:
-    from agent.log import JOURNAL_RENAMES
-
-    renamed = {journal: ours for ours, journal in JOURNAL_RENAMES.items()}
+    """One journal entry (from either reader) as the same record the file sink writes."""
     stamp = entry.get("__REALTIME_TIMESTAMP")
+    if isinstance(stamp, datetime):
+        ts = iso_utc(stamp.timestamp())
+    elif isinstance(stamp, int):  # microseconds, from the C reader
+        ts = iso_utc(stamp / 1_000_000)
+    else:
+        ts = None
+    pid = entry.get("_PID")
     record: dict[str, Any] = {
-        "ts": iso_utc(stamp.timestamp()) if isinstance(stamp, datetime) else None,
-        "level": LEVEL_OF_PRIORITY.get(int(entry.get("PRIORITY", 6)), "info"),
+        "ts": ts,
+        "level": LEVEL_OF_PRIORITY.get(_int(entry.get("PRIORITY"), 6), "info"),
         "event": entry.get("EVENT") or None,
         "worker": entry.get("WORKER") or None,
         "message": entry.get("MESSAGE"),
-        "pid": entry.get("_PID"),
+        "pid": _int(pid, None) if pid is not None else None,
     }
     for key, value in entry.items():
         if key.startswith("_") or key in _JOURNAL_OWN or key in ("EVENT", "WORKER"):
             continue
         if key.isupper():
-            record[renamed.get(key, key.lower())] = value
+            record[_KEY_OF_FIELD.get(key, key.lower())] = value
     return record
+
+
+def _int(value: Any, default: Any) -> Any:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 _JOURNAL_OWN = {

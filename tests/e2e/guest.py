@@ -1,0 +1,494 @@
+"""A real systemd 252 + journald, booted in a container, for end-to-end tests and benches.
+
+Standard library only: it runs under the dev venv's python and under Debian's /usr/bin/python3.
+
+- rootfs: a minbase bookworm made by debootstrap once and cached under CACHE_DIR, keyed by a
+  hash of its package list; every boot runs on an overlayfs over it, so the cache stays
+  pristine and a session starts from a clean guest.
+- boot: systemd-nspawn -b on that overlay, in a dedicated host cgroup (see
+  ../shared/reference/README.md for the pitfalls each step avoids).
+- run: commands inside the guest through nsenter.
+- teardown: poweroff, then unmount the overlay, remove the run directory and the cgroups,
+  and check that nothing was left behind.
+
+    python3 -m tests.e2e.guest rootfs    # build (or reuse) the cached rootfs
+    python3 -m tests.e2e.guest deb       # build the .deb from this checkout
+    python3 -m tests.e2e.guest shell     # boot a guest with the .deb installed; keep it up
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE_DIR = Path(os.environ.get("AGENT_E2E_CACHE", "/var/cache/agent-e2e"))
+SUITE = "bookworm"
+# Everything agent.deb needs from Debian, so dpkg -i works inside the guest (no network there).
+GUEST_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "procps",
+    "python3",
+    "python3-click",
+    "python3-systemd",
+    "python3-sdnotify",
+    "python3-pythonjsonlogger",
+)
+SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage")
+BOOT_TIMEOUT = 120.0
+STOP_TIMEOUT = 20.0
+
+
+class GuestError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cannot_boot_reason() -> str | None:
+    """Why this machine cannot boot a systemd container, or None when it can."""
+    if sys.platform != "linux":
+        return "needs Linux"
+    if os.geteuid() != 0:
+        return "needs root (systemd-nspawn, overlay mounts, cgroups)"
+    missing = [t for t in HOST_TOOLS if not shutil.which(t, path=SYSPATH)]
+    if missing:
+        return (
+            f"missing host tools: {', '.join(missing)}; install them with "
+            "`bash tests/e2e/prepare.sh`"
+        )
+    if not Path("/sys/fs/cgroup").is_dir():
+        return "no /sys/fs/cgroup"
+    return None
+
+
+def _host_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env["PATH"] = SYSPATH
+    env["DEBIAN_FRONTEND"] = "noninteractive"
+    return env
+
+
+# ---- the cached root file system
+
+
+def rootfs_key() -> str:
+    text = "\n".join([SUITE, "minbase", *sorted(GUEST_PACKAGES), "v1"])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _mirror() -> str:
+    """The Debian mirror apt already uses on this machine."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    with contextlib.suppress(OSError):
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/apt/sources.list").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                return parts[1]
+    return "http://deb.debian.org/debian"
+
+
+def ensure_rootfs() -> Path:
+    """The cached guest rootfs, made by debootstrap (~75 s) the first time."""
+    root = CACHE_DIR / f"rootfs-{rootfs_key()}"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its result
+        if (root / "lib/systemd/systemd").exists():
+            return root
+        tmp = CACHE_DIR / f".build-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"debootstrap {SUITE} minbase -> {root} (once; ~75 s)")
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(GUEST_PACKAGES)}",
+                SUITE,
+                str(tmp),
+                _mirror(),
+            ],
+            capture_output=True,
+            text=True,
+            env=_host_env(),
+            check=False,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise GuestError(f"debootstrap failed ({done.returncode}):\n{done.stdout[-3000:]}")
+        # no first-boot logic in the guest: a fixed machine id, an empty journal
+        (tmp / "etc/machine-id").write_text(hashlib.md5(root.name.encode()).hexdigest() + "\n")
+        for path in (tmp / "var/log/journal").glob("*"):
+            shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(root)
+        log(f"rootfs ready in {time.monotonic() - started:.0f} s")
+        return root
+
+
+# ---- the package
+
+
+def build_deb(out_dir: Path) -> Path:
+    """Build agent_*.deb from this checkout (tracked and untracked files) in a scratch copy."""
+    src = out_dir / "src"
+    for name in _source_files():
+        source = REPO / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the work tree
+        target = src / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, target)
+    if not (src / "README.md").exists():  # pyproject names it; the lead's README may be pending
+        (src / "README.md").write_text("# agent\n")
+    log("dpkg-buildpackage -us -uc -b")
+    started = time.monotonic()
+    done = subprocess.run(
+        ["dpkg-buildpackage", "-us", "-uc", "-b"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=_host_env(),
+        check=False,
+    )
+    if done.returncode != 0:
+        raise GuestError(f"dpkg-buildpackage failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    debs = sorted(out_dir.glob("agent_*_all.deb"))
+    if not debs:
+        raise GuestError(f"dpkg-buildpackage made no agent_*_all.deb in {out_dir}")
+    log(f"built {debs[-1].name} in {time.monotonic() - started:.0f} s")
+    return debs[-1]
+
+
+def _source_files() -> list[str]:
+    """The work tree's files: git's view (tracked + untracked, not ignored), else a walk."""
+    done = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode == 0:
+        return [f.decode() for f in done.stdout.split(b"\0") if f]
+    skip = {".git", ".venv", "venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    names = []
+    for path in REPO.rglob("*"):
+        parts = path.relative_to(REPO).parts
+        if any(p in skip or p.endswith(".egg-info") for p in parts):
+            continue
+        if path.is_file() or path.is_symlink():
+            names.append(str(path.relative_to(REPO)))
+    return names
+
+
+# ---- host cgroups
+
+
+def _cgroup_roots() -> list[Path]:
+    base = Path("/sys/fs/cgroup")
+    if (base / "unified").is_dir():  # hybrid (v1 + a named systemd hierarchy + unified)
+        return [base / "systemd", base / "unified"]
+    if (base / "cgroup.controllers").exists():  # pure v2
+        return [base]
+    return [base / "systemd"]
+
+
+def _remove_cgroup(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+# ---- the guest
+
+
+class Guest:
+    """One booted systemd container. Use as a context manager, or boot() / teardown()."""
+
+    def __init__(self, name: str | None = None, rootfs: Path | None = None):
+        self.name = name or f"agent-e2e-{os.getpid()}"
+        self.rootfs = rootfs
+        self.run_dir: Path | None = None
+        self.merged: Path | None = None
+        self.cgroups = [root / self.name for root in _cgroup_roots()]
+        self.proc: subprocess.Popen | None = None
+        self.leader: int | None = None
+        self.console_log: Path | None = None
+        self.install_path: str | None = None  # where the .deb was copied into the guest
+
+    def __enter__(self) -> "Guest":
+        try:
+            self.boot()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    # -- boot
+
+    def boot(self) -> None:
+        rootfs = self.rootfs or ensure_rootfs()
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/var/tmp"))
+        upper, work, self.merged = (self.run_dir / d for d in ("upper", "work", "root"))
+        for d in (upper, work, self.merged):
+            d.mkdir()
+        options = f"lowerdir={rootfs},upperdir={upper},workdir={work}"
+        _check(["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)])
+        self.console_log = self.run_dir / "console.log"
+        into_cgroup = "; ".join(
+            f"mkdir -p {cg} && echo $$ > {cg}/cgroup.procs" for cg in self.cgroups
+        )
+        nspawn = (
+            f"exec systemd-nspawn --register=no --keep-unit --private-network -M {self.name} "
+            f"-D {self.merged} --console=read-only -b"
+        )
+        started = time.monotonic()
+        with open(self.console_log, "wb") as console:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", f"{into_cgroup}; {nspawn}"],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_host_env(),
+            )
+        self.leader = self._wait_leader(started + BOOT_TIMEOUT)
+        state = self.run(
+            ["systemctl", "is-system-running", "--wait"], check=False, timeout=BOOT_TIMEOUT
+        ).stdout.strip()
+        if state not in ("running", "degraded"):
+            raise GuestError(f"guest did not come up: state {state!r}\n{self._console_tail()}")
+        log(f"guest {self.name} up ({state}) in {time.monotonic() - started:.1f} s")
+
+    def _wait_leader(self, deadline: float) -> int:
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise GuestError(
+                    f"systemd-nspawn exited with {self.proc.returncode}:\n{self._console_tail()}"
+                )
+            leader = _child_of(self.proc.pid)
+            if leader and Path(f"/proc/{leader}/root/run/systemd/private").is_socket():
+                return leader
+            time.sleep(0.05)
+        raise GuestError(f"guest systemd did not start in time\n{self._console_tail()}")
+
+    def _console_tail(self) -> str:
+        if self.console_log and self.console_log.exists():
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
+        return ""
+
+    # -- inside the guest
+
+    def run(
+        self,
+        argv: Sequence[str],
+        check: bool = True,
+        timeout: float = 120.0,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Run a command inside the guest (all its namespaces, a clean environment)."""
+        if self.leader is None:
+            raise GuestError("guest is not booted")
+        variables = [
+            f"PATH={SYSPATH}",
+            "LANG=C.UTF-8",
+            *(f"{k}={v}" for k, v in (env or {}).items()),
+        ]
+        done = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *variables, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise GuestError(
+                f"in guest: {' '.join(argv)} exited {done.returncode}\n"
+                f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-2000:]}"
+            )
+        return done
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120.0) -> str:
+        return self.run(["sh", "-c", script], check=check, timeout=timeout).stdout
+
+    def path(self, guest_path: str) -> Path:
+        """The host's view of a path inside the guest (not under the guest's /tmp tmpfs)."""
+        return Path(f"/proc/{self.leader}/root") / guest_path.lstrip("/")
+
+    def write(self, guest_path: str, text: str, mode: int = 0o644) -> None:
+        target = self.path(guest_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+
+    def copy_in(self, host_file: Path, guest_dir: str = "/root") -> str:
+        target = self.path(guest_dir) / host_file.name
+        shutil.copy2(host_file, target)
+        return f"{guest_dir.rstrip('/')}/{host_file.name}"
+
+    def unit(self, *props: str, unit: str = "agent.service") -> dict[str, str]:
+        out = self.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
+        return dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+
+    # -- teardown
+
+    def teardown(self) -> list[str]:
+        """Stop everything this guest made; returns what could not be cleaned (empty: all)."""
+        if self.proc is not None and self.proc.poll() is None:
+            if self.leader is not None:
+                with contextlib.suppress(Exception):
+                    subprocess.run(
+                        [
+                            "nsenter",
+                            "-t",
+                            str(self.leader),
+                            "-a",
+                            "env",
+                            "-i",
+                            f"PATH={SYSPATH}",
+                            "systemctl",
+                            "poweroff",
+                            "--no-block",
+                        ],
+                        capture_output=True,
+                        timeout=STOP_TIMEOUT,
+                        check=False,
+                    )
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None and self.proc.poll() is None:
+                    log(f"guest {self.name} still up: sending {sig.name} to nspawn")
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(STOP_TIMEOUT)
+                    break
+        self.leader = None
+        problems = []
+        if self.merged is not None and os.path.ismount(self.merged):
+            done = subprocess.run(["umount", str(self.merged)], capture_output=True, check=False)
+            if done.returncode != 0:
+                subprocess.run(["umount", "-l", str(self.merged)], capture_output=True, check=False)
+        for cg in self.cgroups:
+            _remove_cgroup(cg)
+        for d in (
+            "/run/systemd/nspawn/propagate",
+            "/run/systemd/nspawn/locks",
+            "/run/systemd/nspawn",
+            "/run/systemd/nspawn-root",
+        ):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if self.run_dir is not None and not (self.merged and os.path.ismount(self.merged)):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        problems = self.leftovers()
+        if problems:
+            log(f"teardown left: {problems}")
+        return problems
+
+    def leftovers(self) -> list[str]:
+        found = []
+        if self.proc is not None and self.proc.poll() is None:
+            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
+        if self.run_dir is not None:
+            mounts = Path("/proc/self/mounts").read_text()
+            if str(self.run_dir) in mounts:
+                found.append(f"mount under {self.run_dir}")
+            if self.run_dir.exists():
+                found.append(f"directory {self.run_dir}")
+        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
+        return found
+
+
+def _child_of(pid: int) -> int | None:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    with contextlib.suppress(OSError):
+        first = children.read_text().split()
+        if first:
+            return int(first[0])
+    return None
+
+
+def _check(argv: Sequence[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise GuestError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a guest is up, SIGTERM unwinds like Ctrl-C, so its teardown still runs."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def install_deb(guest: Guest, deb: Path) -> None:
+    path = guest.copy_in(deb)
+    guest.run(["dpkg", "-i", path], timeout=180)
+
+
+def main(argv: list[str]) -> int:
+    what = argv[1] if len(argv) > 1 else "rootfs"
+    reason = cannot_boot_reason()
+    if reason:
+        print(f"cannot: {reason}", file=sys.stderr)
+        return 1
+    if what == "rootfs":
+        print(ensure_rootfs())
+    elif what == "deb":
+        out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
+        print(build_deb(out))
+    elif what == "shell":
+        out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
+        deb = build_deb(out)
+        with sigterm_interrupts(), Guest() as guest:
+            install_deb(guest, deb)
+            print(f"guest up: nsenter -t {guest.leader} -a env -i PATH={SYSPATH} bash")
+            print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    signal.pause()
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        print(f"unknown command {what!r}: expected rootfs, deb or shell", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
