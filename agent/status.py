@@ -143,12 +143,25 @@ def render_status(report: dict[str, Any]) -> str:
         rows.append(("outcome", sup.get("outcome")))
         rows.append(("stopped", sup.get("stopped_at")))
     rows.append(("last error", sup.get("last_error")))
+    unit = report.get("systemd")
+    if unit:
+        rows.append(("systemd", _unit_line(unit)))
     for key, value in rows:
         lines.append(f"  {key + ':':<12}{'-' if value is None else value}")
     if report["workers"]:
         lines.append("")
         lines.append(_worker_table(report["workers"]))
     return "\n".join(lines)
+
+
+def _unit_line(unit: dict[str, Any]) -> str:
+    if unit.get("error"):
+        return f"{unit['unit']}: {unit['error']}"
+    return (
+        f"{unit['unit']} {unit.get('active_state')} ({unit.get('sub_state')}), "
+        f"main pid {unit.get('main_pid') or '-'}, result {unit.get('result')}, "
+        f"restarts {unit.get('restarts')}"
+    )
 
 
 def _started(sup: dict[str, Any]) -> str | None:

@@ -163,6 +163,7 @@ def test_status_json_reports_systemd_and_running_workers(guest):
     assert unit["main_pid"] == sup["pid"]
     human = guest.run(["agentctl", "status"]).stdout
     assert "running (healthy)" in human and "systemd" in human
+    assert f"agent.service active (running), main pid {sup['pid']}, result success" in human
 
 
 def test_logs_come_from_journald_with_structured_fields(guest):
