@@ -1,29 +1,163 @@
-"""The heartbeat worker: every `[heartbeat] interval` seconds it will prompt each agent.
+"""The heartbeat worker: every [heartbeat] interval, prompt each agent through the queue.
 
-Skeleton for the runtime: it keeps its schedule and heartbeats between ticks.
+The prompt is the agent's heartbeat.md (in its workdir) or a short built-in one. The
+reply (outgoing/heartbeat_<messageId>.json) is logged as `heartbeat.reply` with its
+first line and then removed: this worker is the heartbeat channel's only reader. No
+reply within the interval logs `heartbeat.missed`.
 """
 
+import contextlib
+import json
+import logging
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.clock import iso_utc
 from agent.config import Config
+from agent.log import event
+from agent.queue import Queue, new_message, reply_name
 from agent.worker import Worker, WorkerContext
+
+CHANNEL = "heartbeat"
+PROMPT_FILE = "heartbeat.md"
+BUILTIN_PROMPT = (
+    "This is a scheduled heartbeat check. Reply with one short line saying you are alive "
+    "and whether anything needs attention."
+)
+CHECK_SECONDS = 0.25  # how often pending replies are looked for
+
+
+@dataclass
+class Pending:
+    agent: str
+    message_id: str
+    sent: float  # monotonic
+    missed: bool = False
 
 
 class HeartbeatWorker(Worker):
     name = "heartbeat"
 
     def __init__(self, config: Config):
+        self.config = config
         self.interval = config.heartbeat.interval
+        self.queue = Queue(config.queue_dir)
+        self.pending: dict[str, Pending] = {}
         self.last_tick: float | None = None
+        self.last_reply: float | None = None
+        self.missed = 0
+        self.last_error: str | None = None
+
+    def initialize(self, ctx: WorkerContext) -> None:
+        self.queue.ensure_dirs()
+        # replies to an earlier run's heartbeats: nobody waits for them any more
+        awaited = {reply_name(CHANNEL, message_id) for message_id in self.pending}
+        for stale in self.queue.outgoing.glob(f"{CHANNEL}_*.json"):
+            if stale.name not in awaited:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def run(self, ctx: WorkerContext) -> None:
         next_tick = time.monotonic() + self.interval
-        while not ctx.wait(max(next_tick - time.monotonic(), 0)):
-            if time.monotonic() >= next_tick:
-                self.last_tick = time.time()
-                next_tick += self.interval
+        while not ctx.wait(min(CHECK_SECONDS, max(next_tick - time.monotonic(), 0))):
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick()
+                next_tick = max(next_tick + self.interval, now)
+            self._check_replies(time.monotonic())
 
     def health(self) -> dict[str, Any]:
-        return {"last_tick": iso_utc(self.last_tick) if self.last_tick else None}
+        return {
+            "last_tick": iso_utc(self.last_tick) if self.last_tick else None,
+            "last_reply": iso_utc(self.last_reply) if self.last_reply else None,
+            "waiting": len(self.pending),
+            "missed": self.missed,
+            "last_error": self.last_error,
+        }
+
+    def prompt_for(self, agent: str) -> str:
+        workdir = self.config.agents[agent].workdir
+        if workdir:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                text = (Path(workdir) / PROMPT_FILE).read_text(encoding="utf-8").strip()
+                if text:
+                    return text
+        return BUILTIN_PROMPT
+
+    def _tick(self) -> None:
+        self.last_tick = time.time()
+        if not self.config.agents:
+            self.last_error = "no agent configured"
+            return
+        for agent in self.config.agents:
+            data = new_message(
+                CHANNEL,
+                self.prompt_for(agent),
+                sender="heartbeat",
+                sender_id="heartbeat",
+                message_id=f"{agent}-{time.time_ns()}",
+                agent=agent,
+                conversationId=f"heartbeat-{agent}",
+            )
+            try:
+                self.queue.enqueue(data)
+            except OSError as exc:
+                self.last_error = f"cannot enqueue heartbeat for {agent}: {exc}"
+                event("heartbeat.error", self.last_error, worker=self.name, level=logging.ERROR)
+                continue
+            self.pending[data["messageId"]] = Pending(agent, data["messageId"], time.monotonic())
+
+    def _check_replies(self, now: float) -> None:
+        for message_id, item in list(self.pending.items()):
+            name = reply_name(CHANNEL, message_id)
+            reply = _read_json(self.queue.outgoing / name)
+            if reply is not None:
+                self._replied(item, reply, now)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.queue.outgoing / name)
+                del self.pending[message_id]
+                continue
+            failed = (self.queue.failed / name).exists()
+            if not item.missed and (failed or now - item.sent >= self.interval):
+                self._missed(item, "the agent run failed" if failed else "no reply in time")
+            if failed or now - item.sent >= 10 * self.interval:
+                del self.pending[message_id]
+
+    def _replied(self, item: Pending, reply: dict[str, Any], now: float) -> None:
+        text = str(reply.get("message") or "")
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        self.last_reply = time.time()
+        event(
+            "heartbeat.reply",
+            f"heartbeat reply from {item.agent}: {first}",
+            worker=self.name,
+            agent=item.agent,
+            message_id=item.message_id,
+            reply=first,
+            late=item.missed,
+            latency_ms=round((now - item.sent) * 1000),
+        )
+
+    def _missed(self, item: Pending, why: str) -> None:
+        item.missed = True
+        self.missed += 1
+        self.last_error = f"{item.agent}: heartbeat missed ({why})"
+        event(
+            "heartbeat.missed",
+            f"no heartbeat reply from {item.agent} within {self.interval:g}s ({why})",
+            worker=self.name,
+            level=logging.WARNING,
+            agent=item.agent,
+            message_id=item.message_id,
+            reason=why,
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

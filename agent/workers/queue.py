@@ -1,37 +1,143 @@
-"""The queue worker: watches state_dir/queue/incoming.
+"""The queue worker: claims incoming messages oldest first and hands them to the dispatcher.
 
-This is the runtime's skeleton of the worker: it owns the queue directories and reports
-their depth. Claiming and handing messages to the dispatcher come with the queue issue.
+At the first start in a process it moves whatever a previous run left in processing/
+back to incoming/ (original order). It notices new files at once through inotify and
+still heartbeats while idle. A file that is not a valid message goes to failed/ with
+its reason; nothing in a file can stop the loop.
 """
 
-import os
+import logging
+import time
 from typing import Any
 
+from agent.clock import iso_utc
 from agent.config import Config
+from agent.dirwatch import DirWatcher
+from agent.handoff import Handoff, handoff_for
+from agent.log import event
+from agent.queue import InvalidMessage, Queue
 from agent.worker import Worker, WorkerContext
 
-QUEUE_DIRS = ("incoming", "processing", "outgoing", "failed")
+IDLE_WAIT = 0.5  # seconds between heartbeats while nothing arrives
 
 
 class QueueWorker(Worker):
     name = "queue"
 
-    def __init__(self, config: Config):
-        self.root = config.queue_dir
+    def __init__(self, config: Config, handoff: Handoff | None = None):
+        self.queue = Queue(config.queue_dir)
+        self.handoff = handoff or handoff_for(config.queue_dir)
+        self.watcher: DirWatcher | None = None
         self.depth = 0
+        self.claimed = 0
+        self.last_claimed: float | None = None
+        self.last_error: str | None = None
 
     def initialize(self, ctx: WorkerContext) -> None:
-        for sub in QUEUE_DIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.queue.ensure_dirs()
+        self.watcher = DirWatcher(self.queue.incoming)
+        self.handoff.on_room = self.watcher.wake
+        if self.watcher.mode != "inotify":
+            event(
+                "queue.poll",
+                f"inotify unavailable ({self.watcher.error}); polling incoming/ instead",
+                worker=self.name,
+                level=logging.WARNING,
+            )
+        if not self.handoff.recovered.is_set():
+            moved = self.queue.recover()
+            if moved:
+                event(
+                    "queue.recovered",
+                    f"moved {len(moved)} unfinished message(s) from processing/ back to incoming/",
+                    worker=self.name,
+                    level=logging.WARNING,
+                    count=len(moved),
+                )
+            self.handoff.recovered.set()
 
     def run(self, ctx: WorkerContext) -> None:
-        while not ctx.wait():
-            self.depth = _count_json(self.root / "incoming")
+        assert self.watcher is not None
+        while not ctx.stopping:
+            ctx.beat()
+            self._claim_batch(ctx)
+            if ctx.stopping:
+                break
+            self.watcher.wait(IDLE_WAIT)
+
+    def wake(self) -> None:
+        if self.watcher is not None:
+            self.watcher.wake()
+
+    def shutdown(self, ctx: WorkerContext) -> None:
+        self.handoff.on_room = None
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
 
     def health(self) -> dict[str, Any]:
-        return {"depth": self.depth}
+        return {
+            "depth": self.depth,
+            "claimed": self.claimed,
+            "last_claimed": iso_utc(self.last_claimed) if self.last_claimed else None,
+            "watch": self.watcher.mode if self.watcher else None,
+            "last_error": self.last_error,
+        }
 
+    def _claim_batch(self, ctx: WorkerContext) -> None:
+        room = self.handoff.room()
+        if room <= 0:  # the dispatcher has enough; the rest waits in incoming/
+            self.depth = self.queue.depth()
+            return
+        try:
+            names = self.queue.claim_all(limit=room)
+        except OSError as exc:  # a full disk or a lost directory: report, retry next round
+            self._error(f"claim failed: {exc}")
+            return
+        for name in names:
+            ctx.beat()  # a batch can be long (up to the hand-off limit)
+            self._hand_over(name)
+        self.depth = self.queue.depth()
 
-def _count_json(directory: os.PathLike) -> int:
-    with os.scandir(directory) as entries:
-        return sum(1 for entry in entries if entry.name.endswith(".json"))
+    def _hand_over(self, name: str) -> None:
+        try:
+            message = self.queue.load(name)
+        except InvalidMessage as exc:
+            self._reject(name, str(exc))
+            return
+        except OSError as exc:
+            self._error(f"cannot read {name}: {exc}")
+            return
+        self.claimed += 1
+        self.last_claimed = time.time()
+        event(
+            "message.claimed",
+            f"claimed {message.channel} message {message.message_id}",
+            worker=self.name,
+            message_id=message.message_id,
+            channel=message.channel,
+            file=name,
+        )
+        self.handoff.put(message)
+
+    def _reject(self, name: str, reason: str) -> None:
+        try:
+            target = self.queue.fail(name, reason)
+        except OSError as exc:
+            self._error(f"cannot move {name} to failed/: {exc}")
+            return
+        self.last_error = f"{name}: {reason}"
+        event(
+            "message.failed",
+            f"invalid message {name}: {reason}",
+            worker=self.name,
+            level=logging.ERROR,
+            message_id=None,
+            file=name,
+            failed_as=target,
+            reason=reason,
+        )
+
+    def _error(self, text: str) -> None:
+        self.last_error = text
+        event("queue.error", text, worker=self.name, level=logging.ERROR, error=text)

@@ -1,0 +1,140 @@
+"""One run of an agent command: message text on stdin, reply from stdout.
+
+The child runs in its own process group (ChildProcesses.spawn); on timeout or a stop
+request the whole group is killed, so no helper it started survives it. Should the
+supervisor itself be killed outright, the child gets SIGKILL from the kernel
+(PR_SET_PDEATHSIG, set by util-linux `setpriv` just before it execs the command), and
+the run ledger lets the next start kill what is left of its group.
+"""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.children import ChildProcesses
+from agent.config import AgentConfig
+from agent.runledger import RunLedger
+
+POLL_SECONDS = 0.25  # how often a running agent checks for a stop request
+REAP_SECONDS = 5.0
+SETPRIV = shutil.which("setpriv")  # util-linux, in every Debian; without it: no death signal
+
+
+@dataclass(frozen=True)
+class RunResult:
+    ok: bool
+    reply: str = ""
+    error: str | None = None
+    stopped: bool = False  # cut short by a stop request: not the message's fault
+
+
+def choose_agent(agents: Mapping[str, AgentConfig], requested: str | None) -> str:
+    """The message's agent, else `default`, else the only one; ValueError says why not."""
+    if requested:
+        if requested in agents:
+            return requested
+        known = ", ".join(sorted(agents)) or "none"
+        raise ValueError(f"unknown agent '{requested}' (configured: {known})")
+    if "default" in agents:
+        return "default"
+    if len(agents) == 1:
+        return next(iter(agents))
+    if not agents:
+        raise ValueError("no agent is configured (add an [agents.NAME] table with a command)")
+    raise ValueError(
+        f"the message names no agent and none is called 'default' (configured: "
+        f"{', '.join(sorted(agents))})"
+    )
+
+
+def run_agent(
+    children: ChildProcesses,
+    agent: AgentConfig,
+    text: str,
+    stop: threading.Event,
+    env: Mapping[str, str] | None = None,
+    ledger: RunLedger | None = None,
+) -> RunResult:
+    try:
+        proc = children.spawn(
+            with_death_signal(agent.command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=agent.workdir,
+            env={**os.environ, **(env or {})},
+        )
+    except OSError as exc:
+        return RunResult(False, error=f"cannot start {agent.command[0]}: {exc}")
+    if ledger is not None:
+        ledger.record(proc.pid)
+    try:
+        return _communicate(children, proc, agent, text.encode(), stop)
+    finally:
+        children.forget(proc)
+        if ledger is not None:
+            ledger.forget(proc.pid)
+
+
+def with_death_signal(command: tuple[str, ...]) -> list[str]:
+    """argv that dies with the thread that started it (the supervisor's)."""
+    if SETPRIV is None:
+        return list(command)
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *command]
+
+
+def _communicate(
+    children: ChildProcesses,
+    proc: subprocess.Popen,
+    agent: AgentConfig,
+    data: bytes,
+    stop: threading.Event,
+) -> RunResult:
+    deadline = _now() + agent.timeout
+    feed: bytes | None = data
+    while True:
+        if stop.is_set():
+            _kill(children, proc)
+            return RunResult(False, error="stopped", stopped=True)
+        remaining = deadline - _now()
+        if remaining <= 0:
+            _kill(children, proc)
+            return RunResult(False, error=f"timed out after {agent.timeout:g}s")
+        try:
+            out, err = proc.communicate(feed, timeout=min(POLL_SECONDS, remaining))
+            break
+        except subprocess.TimeoutExpired:
+            feed = None  # communicate keeps what it has not written yet
+        except BrokenPipeError:  # the agent exited without reading all its input
+            feed = None
+    if stop.is_set():
+        return RunResult(False, error="stopped", stopped=True)
+    if proc.returncode != 0:
+        return RunResult(False, error=_exit_reason(proc.returncode, err))
+    return RunResult(True, reply=out.decode("utf-8", errors="replace").rstrip())
+
+
+def _kill(children: ChildProcesses, proc: subprocess.Popen) -> None:
+    children.kill_group(proc)
+    try:
+        proc.communicate(timeout=REAP_SECONDS)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        # something outside the group holds the pipes; reap the child and move on
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        proc.wait(timeout=REAP_SECONDS)
+
+
+def _exit_reason(code: int, stderr: bytes) -> str:
+    tail = stderr.decode("utf-8", errors="replace").strip().splitlines()
+    what = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    return f"{what}: {tail[-1][:300]}" if tail else what
+
+
+def _now() -> float:
+    return time.monotonic()

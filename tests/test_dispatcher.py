@@ -1,0 +1,310 @@
+"""Queue + dispatcher through a real supervisor: real files, real agent processes, signals."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agent.queue import Queue, new_message
+from tests.helpers import pid_alive, wait_for
+
+pytestmark = pytest.mark.integration
+
+FAST_RETRY = {"retry_backoff": 0.05, "retry_backoff_max": 0.2}
+
+
+def script(tmp_path: Path, name: str, body: str) -> list[str]:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return [str(path)]
+
+
+def enqueue(env, text: str, message_id: str, **optional) -> None:
+    data = new_message("local", text, "tester", "u1", message_id=message_id, **optional)
+    queue = Queue(env.state_dir / "queue")
+    queue.ensure_dirs()
+    queue.enqueue(data, name=f"{message_id}.json")
+
+
+def outgoing(env) -> dict[str, dict]:
+    out = env.state_dir / "queue" / "outgoing"
+    if not out.exists():
+        return {}
+    return {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+
+
+def failed_reason(env, name: str) -> str:
+    return json.loads((env.state_dir / "queue" / "failed" / f"{name}.reason").read_text())["reason"]
+
+
+def reply(env, message_id: str) -> dict | None:
+    return outgoing(env).get(f"local_{message_id}.json")
+
+
+def test_round_trip_reply_fields_events_and_health(agent_env):
+    agent_env.write_config(**{"agents.default": {"command": ["cat"]}})
+    agent_env.start()
+    enqueue(agent_env, "hello", "m1", conversationId="t1", channelProfileId="p")
+    got = wait_for(lambda: reply(agent_env, "m1"), what="the reply to m1")
+    assert got["message"] == "hello"
+    assert got["originalMessage"] == "hello"
+    assert (got["channel"], got["channelProfileId"], got["conversationId"]) == ("local", "p", "t1")
+    assert (got["messageId"], got["sender"], got["agent"]) == ("m1", "tester", "default")
+    assert isinstance(got["timestamp"], int)
+    assert os.listdir(agent_env.state_dir / "queue" / "processing") == []
+    for name in ("message.claimed", "message.done"):
+        [record] = wait_for(lambda n=name: agent_env.events(n), what=name)
+        assert record["message_id"] == "m1"
+    # the state file is flushed about once a second
+    detail = wait_for(
+        lambda: (d := agent_env.worker("dispatcher")["detail"]).get("done") == 1 and d,
+        what="dispatcher detail with done=1",
+    )
+    assert detail["in_flight"] == 0 and detail["pending"] == 0 and detail["last_processed"]
+    queue = agent_env.worker("queue")["detail"]
+    assert queue["depth"] == 0 and queue["watch"] == "inotify"
+
+
+def test_send_waits_for_the_reply_and_times_out_without_a_supervisor(agent_env):
+    agent_env.write_config(**{"agents.default": {"command": ["cat"]}})
+    done = agent_env.agentctl("send", "--wait", "--timeout", "0.3", "anyone?")
+    assert done.returncode == 1
+    assert "no supervisor is running" in done.stderr and "no reply" in done.stderr
+    agent_env.start()  # the waiting message is answered now; its reply stays in outgoing/
+    wait_for(lambda: outgoing(agent_env), what="the earlier message's reply")
+    done = agent_env.agentctl("send", "--wait", "--conversation", "c9", "ping pong")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ping pong\n"
+    done = agent_env.agentctl("send", "--wait", "--agent", "nobody", "hello?")
+    assert done.returncode == 1
+    assert "failed: unknown agent 'nobody'" in done.stderr
+    done = agent_env.agentctl("send", "no wait")
+    assert done.returncode == 0 and done.stdout.startswith("queued local message ")
+
+
+def test_same_conversation_runs_strictly_in_order(agent_env, tmp_path):
+    log = tmp_path / "runs.log"
+    command = script(
+        tmp_path,
+        "agent.sh",
+        f't=$(cat); echo "start $t" >> {log}; sleep 0.05; echo "end $t" >> {log}; echo "$t"\n',
+    )
+    agent_env.write_config(
+        **{"agents.default": {"command": command}, "dispatcher": {"concurrency": 4}}
+    )
+    for i in range(6):  # queued before start: all claimed in one batch
+        enqueue(agent_env, f"m{i}", f"m{i}", conversationId="same")
+    agent_env.start()
+    wait_for(lambda: len(outgoing(agent_env)) == 6, what="six replies")
+    expected = [f"{what} m{i}" for i in range(6) for what in ("start", "end")]
+    assert log.read_text().split("\n")[:-1] == expected
+
+
+def test_different_conversations_run_in_parallel(agent_env, tmp_path):
+    # each run waits until both runs have started: only parallel runs can both finish
+    started = tmp_path / "started"
+    started.mkdir()
+    command = script(
+        tmp_path,
+        "agent.sh",
+        f"t=$(cat); touch {started}/$t\n"
+        f'while [ "$(ls {started} | wc -l)" -lt 2 ]; do sleep 0.01; done; echo "$t"\n',
+    )
+    agent_env.write_config(
+        **{
+            "agents.default": {"command": command, "timeout": 20},
+            "dispatcher": {"concurrency": 2, "max_attempts": 1},
+        }
+    )
+    agent_env.start()
+    enqueue(agent_env, "a", "a", conversationId="one")
+    enqueue(agent_env, "b", "b", conversationId="two")
+    wait_for(lambda: len(outgoing(agent_env)) == 2, timeout=15, what="both replies")
+    assert agent_env.events("message.retry") == []
+
+
+def test_failed_runs_are_retried_then_succeed(agent_env, tmp_path):
+    command = script(
+        tmp_path,
+        "agent.sh",
+        'cat > /dev/null; if [ "$AGENT_ATTEMPT" -lt 3 ]; then echo "boom $AGENT_ATTEMPT" >&2;'
+        " exit 4; fi; echo fine\n",
+    )
+    agent_env.write_config(
+        **{
+            "agents.default": {"command": command},
+            "dispatcher": {"max_attempts": 3, **FAST_RETRY},
+        }
+    )
+    agent_env.start()
+    enqueue(agent_env, "try me", "r1")
+    assert wait_for(lambda: reply(agent_env, "r1"), what="a reply after retries")["message"] == (
+        "fine"
+    )
+    retries = agent_env.events("message.retry")
+    assert [r["attempts"] for r in retries] == [1, 2]
+    assert retries[0]["message_id"] == "r1"
+    assert "exit status 4: boom 1" in retries[0]["error"]
+
+
+def test_a_message_that_keeps_failing_goes_to_failed_with_payload_intact(agent_env, tmp_path):
+    command = script(tmp_path, "agent.sh", "cat > /dev/null; echo nope >&2; exit 1\n")
+    agent_env.write_config(
+        **{
+            "agents.default": {"command": command},
+            "dispatcher": {"max_attempts": 2, **FAST_RETRY},
+        }
+    )
+    agent_env.start()
+    enqueue(agent_env, "doomed", "f1", conversationId="c")
+    enqueue(agent_env, "after", "f2", conversationId="c")  # not blocked for good behind f1
+    failed = agent_env.state_dir / "queue" / "failed"
+    wait_for(lambda: (failed / "local_f2.json").exists(), what="f2 in failed/")
+    kept = json.loads((failed / "local_f1.json").read_text())
+    assert (kept["message"], kept["conversationId"], kept["attempts"]) == ("doomed", "c", 1)
+    assert failed_reason(agent_env, "local_f1.json").endswith("exit status 1: nope")
+    record, _ = wait_for(
+        lambda: len(events := agent_env.events("message.failed")) == 2 and events,
+        what="two message.failed events",
+    )
+    assert record["message_id"] == "f1" and record["level"] == "error"
+    assert outgoing(agent_env) == {}
+
+
+def test_malformed_input_goes_to_failed_and_never_blocks_the_queue(agent_env):
+    agent_env.write_config(**{"agents.default": {"command": ["cat"]}})
+    agent_env.start()
+    incoming = agent_env.state_dir / "queue" / "incoming"
+    bad = {
+        "broken.json": b'{"channel": "local", ',
+        "array.json": b"[1, 2]",
+        "noid.json": json.dumps({"channel": "local", "message": "x"}).encode(),
+        "binary.json": b"\x00\xff\xfe",
+    }
+    for name, raw in bad.items():
+        (agent_env.root / name).write_bytes(raw)
+        os.rename(agent_env.root / name, incoming / name)
+    enqueue(agent_env, "still works", "ok1")
+    wait_for(lambda: reply(agent_env, "ok1"), what="the valid message's reply")
+    failed = agent_env.state_dir / "queue" / "failed"
+    wait_for(lambda: all((failed / n).exists() for n in bad), what="all bad files in failed/")
+    assert "malformed JSON" in failed_reason(agent_env, "broken.json")
+    assert "expected a JSON object" in failed_reason(agent_env, "array.json")
+    assert "missing required field 'messageId'" in failed_reason(agent_env, "noid.json")
+    assert "not UTF-8" in failed_reason(agent_env, "binary.json")
+    for name in ("queue", "dispatcher"):
+        worker = agent_env.worker(name)
+        assert (worker["state"], worker["restarts"]) == ("running", 0)
+
+
+def test_unknown_agent_and_no_agent_go_to_failed(agent_env):
+    agent_env.write_config(
+        **{"agents.one": {"command": ["cat"]}, "agents.two": {"command": ["cat"]}}
+    )
+    agent_env.start()
+    enqueue(agent_env, "x", "u1", agent="three")
+    enqueue(agent_env, "x", "u2")  # two agents, none named default
+    enqueue(agent_env, "x", "u3", agent="two")
+    failed = agent_env.state_dir / "queue" / "failed"
+    wait_for(lambda: (failed / "local_u2.json").exists(), what="u2 in failed/")
+    assert "unknown agent 'three' (configured: one, two)" in failed_reason(
+        agent_env, "local_u1.json"
+    )
+    assert "none is called 'default'" in failed_reason(agent_env, "local_u2.json")
+    assert wait_for(lambda: reply(agent_env, "u3"), what="u3's reply")["agent"] == "two"
+    agent_env.stop()
+    agent_env.write_config()  # no [agents.*] at all
+    agent_env.start()
+    enqueue(agent_env, "x", "u4")
+    wait_for(lambda: (failed / "local_u4.json").exists(), what="u4 in failed/")
+    assert "no agent is configured" in failed_reason(agent_env, "local_u4.json")
+
+
+def grandchild_script(tmp_path: Path, marker: Path | None = None) -> list[str]:
+    """An agent that starts a long-lived helper (own pid + helper pid in pids.<n>)."""
+    guard = f"[ -e {marker} ] || {{ cat; exit 0; }}\n" if marker else ""
+    return script(
+        tmp_path,
+        "agent.sh",
+        guard + f"sleep 300 & echo $$ $! > {tmp_path}/pids.tmp; mv {tmp_path}/pids.tmp "
+        f"{tmp_path}/pids; wait\n",
+    )
+
+
+def read_pids(tmp_path: Path) -> list[int] | None:
+    try:
+        return [int(p) for p in (tmp_path / "pids").read_text().split()]
+    except (OSError, ValueError):
+        return None
+
+
+def test_timeout_kills_the_whole_process_group(agent_env, tmp_path):
+    agent_env.write_config(
+        **{
+            "agents.default": {"command": grandchild_script(tmp_path), "timeout": 0.5},
+            "dispatcher": {"max_attempts": 1},
+        }
+    )
+    agent_env.start()
+    enqueue(agent_env, "hang", "t1")
+    pids = wait_for(lambda: read_pids(tmp_path), what="the agent's pids")
+    failed = agent_env.state_dir / "queue" / "failed"
+    wait_for(lambda: (failed / "local_t1.json").exists(), what="t1 in failed/")
+    assert "timed out after 0.5s" in failed_reason(agent_env, "local_t1.json")
+    wait_for(lambda: not any(pid_alive(p) for p in pids), what="agent and helper gone")
+
+
+def test_shutdown_kills_in_flight_runs_and_the_message_is_redone(agent_env, tmp_path):
+    marker = tmp_path / "slow"
+    marker.touch()
+    agent_env.write_config(**{"agents.default": {"command": grandchild_script(tmp_path, marker)}})
+    agent_env.start()
+    enqueue(agent_env, "long job", "s1")
+    pids = wait_for(lambda: read_pids(tmp_path), what="the agent's pids")
+    done = agent_env.stop()
+    assert done.returncode == 0, done.stderr
+    assert not any(pid_alive(p) for p in pids)
+    processing = agent_env.state_dir / "queue" / "processing"
+    assert [p.name for p in processing.iterdir()] == ["s1.json"]  # kept, not failed
+    assert agent_env.events("message.retry") == []
+    marker.unlink()
+    agent_env.start()
+    assert wait_for(lambda: reply(agent_env, "s1"), what="s1 redone")["message"] == "long job"
+    [record] = agent_env.events("queue.recovered")
+    assert record["count"] == 1
+
+
+def test_child_env_and_workdir(agent_env, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    command = script(
+        tmp_path, "agent.sh", 'cat >/dev/null; echo "$(pwd) $AGENT_CHANNEL $AGENT_MESSAGE_ID"\n'
+    )
+    agent_env.write_config(**{"agents.w": {"command": command, "workdir": str(workdir)}})
+    agent_env.start()
+    enqueue(agent_env, "where", "e1")
+    got = wait_for(lambda: reply(agent_env, "e1"), what="e1's reply")
+    assert got["message"] == f"{workdir} local e1"
+
+
+def test_sigkill_of_supervisor_mid_run_loses_nothing_and_leaves_no_run(agent_env, tmp_path):
+    marker = tmp_path / "slow"
+    marker.touch()
+    agent_env.write_config(**{"agents.default": {"command": grandchild_script(tmp_path, marker)}})
+    pid = agent_env.start()
+    enqueue(agent_env, "survive", "k1")
+    agent, helper = wait_for(lambda: read_pids(tmp_path), what="the agent's pids")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), what="the supervisor gone")
+    # the run dies with the supervisor (death signal); its helper at the next start
+    wait_for(lambda: not pid_alive(agent), what="the agent run gone with its supervisor")
+    marker.unlink()
+    agent_env.start()
+    wait_for(lambda: not pid_alive(helper), what="the orphaned helper killed at start")
+    [record] = agent_env.events("dispatcher.orphans_killed")
+    assert record["process_groups"] == str(agent)
+    assert wait_for(lambda: reply(agent_env, "k1"), what="k1 redone")["message"] == "survive"
+    assert os.listdir(agent_env.state_dir / "runs") == []

@@ -1,0 +1,199 @@
+"""The on-disk queue contract, the lanes scheduler and the directory watcher, on real files."""
+
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from agent.dirwatch import DirWatcher
+from agent.lanes import Lanes
+from agent.queue import InvalidMessage, Queue, new_message, parse, reply_name
+
+
+@pytest.fixture
+def q(tmp_path):
+    queue = Queue(tmp_path / "queue")
+    queue.ensure_dirs()
+    return queue
+
+
+def put(q: Queue, name: str, data, mtime_ns: int | None = None) -> None:
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    staged = q.tmp / name
+    staged.write_bytes(raw)
+    if mtime_ns is not None:
+        os.utime(staged, ns=(mtime_ns, mtime_ns))
+    os.rename(staged, q.incoming / name)
+
+
+def msg(i: int, **extra) -> dict:
+    return new_message("local", f"text {i}", "me", "1", message_id=f"m{i}", **extra)
+
+
+def test_claims_oldest_first_by_mtime_then_name(q):
+    base = time.time_ns() - 10**9
+    put(q, "b.json", msg(1), base + 3)
+    put(q, "c.json", msg(2), base + 1)
+    put(q, "a.json", msg(3), base + 3)
+    put(q, ".hidden.json", msg(4), base)  # a producer's temp file: never claimed
+    put(q, "notes.txt", b"not a message", base)
+    assert q.claim_all() == ["c.json", "a.json", "b.json"]
+    assert sorted(os.listdir(q.incoming)) == [".hidden.json", "notes.txt"]
+    assert q.load("c.json").message_id == "m2"
+
+
+def test_claim_never_overwrites_a_claimed_file_of_the_same_name(q):
+    put(q, "x.json", msg(1))
+    assert q.claim_all() == ["x.json"]
+    put(q, "x.json", msg(2))
+    [second] = q.claim_all()
+    assert second != "x.json"
+    assert {q.load(n).message_id for n in ("x.json", second)} == {"m1", "m2"}
+
+
+def test_recover_moves_processing_back_in_original_order(q):
+    base = time.time_ns() - 10**9
+    for i, name in enumerate(["z.json", "y.json", "x.json"]):
+        put(q, name, msg(i), base + i)
+    claimed = q.claim_all()
+    (q.processing / ".x.json.123.tmp").write_text("half")  # a write cut short by a crash
+    assert q.recover() == claimed
+    assert os.listdir(q.processing) == []
+    assert q.claim_all() == ["z.json", "y.json", "x.json"]
+
+
+def test_reply_is_named_by_channel_and_message_id_and_overwrites(q):
+    put(q, "a.json", msg(1))
+    [name] = q.claim_all()
+    message = q.load(name)
+    q.write_reply(message, {"message": "first"})
+    q.write_reply(message, {"message": "second"})
+    q.done(name)
+    assert os.listdir(q.outgoing) == ["local_m1.json"]
+    assert json.loads((q.outgoing / "local_m1.json").read_text())["message"] == "second"
+    assert os.listdir(q.processing) == []
+    assert reply_name("slack", "C1/17.2") == "slack_C1%2F17.2.json"
+
+
+def test_record_attempt_keeps_payload_and_place_in_order(q):
+    original = msg(1, conversationId="t1", files=["/tmp/f"])
+    put(q, "a.json", original, time.time_ns() - 10**9)
+    [name] = q.claim_all()
+    before = os.stat(q.processing / name).st_mtime_ns
+    message = q.load(name)
+    q.record_attempt(message, "exit status 1")
+    q.record_attempt(message, "exit status 2")
+    again = q.load(name)
+    assert again.attempts == 2
+    assert again.data["lastError"] == "exit status 2"
+    assert {k: again.data[k] for k in original} == original
+    assert os.stat(q.processing / name).st_mtime_ns == before
+
+
+def test_fail_moves_message_with_reason(q):
+    put(q, "bad.json", b"{not json")
+    [name] = q.claim_all()
+    with pytest.raises(InvalidMessage) as err:
+        q.load(name)
+    target = q.fail(name, str(err.value))
+    assert target == "bad.json"
+    assert (q.failed / "bad.json").read_bytes() == b"{not json"
+    reason = json.loads((q.failed / "bad.json.reason").read_text())
+    assert "malformed JSON" in reason["reason"]
+    put(q, "bad.json", b"[]")  # the same name again does not overwrite the first
+    [name] = q.claim_all()
+    assert q.fail(name, "x") != "bad.json"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{", "malformed JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1]", "expected a JSON object"),
+        (json.dumps({"channel": "x"}).encode(), "missing required field 'messageId'"),
+        (json.dumps({**msg(1), "timestamp": "now"}).encode(), "'timestamp' must be a number"),
+        (json.dumps({**msg(1), "message": 5}).encode(), "'message' must be a string"),
+        (json.dumps({**msg(1), "files": ["rel/path"]}).encode(), "absolute paths"),
+        (json.dumps({**msg(1), "channel": ""}).encode(), "'channel' must not be empty"),
+    ],
+)
+def test_validation_names_the_problem(raw, reason):
+    with pytest.raises(InvalidMessage, match=reason):
+        parse(raw)
+
+
+def test_enqueue_stages_then_renames_in(q):
+    path = q.enqueue(msg(7))
+    assert path.parent == q.incoming
+    assert os.listdir(q.tmp) == []
+    assert json.loads(path.read_text())["messageId"] == "m7"
+
+
+def test_lanes_keep_conversation_order_and_limit_parallelism():
+    lanes = Lanes(concurrency=2)
+    for job in ["a1", "b1", "a2", "c1", "b2"]:
+        lanes.add(job[0], job)
+    assert lanes.start_next() == ("a", "a1")
+    assert lanes.start_next() == ("b", "b1")
+    assert lanes.start_next() is None  # two running: the limit
+    lanes.finished("a")
+    assert lanes.start_next() == ("c", "c1")  # a2 waits its turn behind c
+    lanes.retry_at("b", due=100.0)  # b1 waits to retry: b2 must not overtake it
+    assert lanes.start_next() == ("a", "a2")
+    lanes.finished("a")
+    assert lanes.start_next() is None
+    assert lanes.next_due() == 100.0
+    lanes.release_due(100.0)
+    assert lanes.start_next() == ("b", "b1")
+    lanes.finished("b")
+    lanes.finished("c")
+    assert lanes.start_next() == ("b", "b2")
+    assert lanes.pending == 0
+    assert lanes.running == 1
+
+
+def test_dirwatch_wakes_at_once_on_a_rename_in(tmp_path):
+    watched = tmp_path / "in"
+    watched.mkdir()
+    watcher = DirWatcher(watched)
+    assert watcher.mode == "inotify", watcher.error
+    try:
+        (tmp_path / "m.json").write_text("{}")
+        timer = threading.Timer(0.2, os.rename, (tmp_path / "m.json", watched / "m.json"))
+        timer.start()
+        started = time.monotonic()
+        watcher.wait(30)
+        assert time.monotonic() - started < 10  # woke on the event, not the 30 s timeout
+        assert (watched / "m.json").exists()
+        timer = threading.Timer(0.2, watcher.wake)
+        timer.start()
+        started = time.monotonic()
+        watcher.wait(30)
+        assert time.monotonic() - started < 10
+    finally:
+        watcher.close()
+
+
+def test_dirwatch_falls_back_to_polling_without_inotify(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "inotify_simple", None)  # import fails
+    watcher = DirWatcher(tmp_path)
+    try:
+        assert watcher.mode == "poll" and "inotify_simple" in watcher.error
+        started = time.monotonic()
+        watcher.wait(30)  # a slow poll: returns after POLL_SECONDS, not 30
+        assert time.monotonic() - started < 10
+    finally:
+        watcher.close()
+    watcher.wake()  # after close: harmless
+
+
+def test_claim_all_respects_a_limit(q):
+    base = time.time_ns() - 10**9
+    for i in range(5):
+        put(q, f"{i}.json", msg(i), base + i)
+    assert q.claim_all(limit=2) == ["0.json", "1.json"]
+    assert q.depth() == 3
