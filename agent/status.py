@@ -183,7 +183,8 @@ def _worker_table(workers: list[dict[str, Any]]) -> str:
                 w["state"],
                 "-" if age is None else f"{age:.1f}s ago",
                 str(w.get("restarts", 0)),
-                " ".join(f"{k}={v}" for k, v in (w.get("detail") or {}).items()) or "-",
+                " ".join(f"{k}={v}" for k, v in (w.get("detail") or {}).items() if v is not None)
+                or "-",
                 w.get("last_error") or "-",
             )
         )
