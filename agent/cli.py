@@ -150,13 +150,9 @@ def logs(
     as_json: bool,
 ) -> None:
     """Recent structured events, from journald or the JSON-lines log file."""
-    from agent.logquery import LogFilter, parse_since, show_logs
+    from agent.logquery import print_logs
 
-    flt = LogFilter(
-        worker=worker, event=event_name, level=level, since=parse_since(since) if since else None
-    )
-    for line in show_logs(_config(ctx), flt, limit, follow, as_json):
-        click.echo(line)
+    print_logs(_config(ctx), limit, follow, as_json, worker, event_name, level, since)
 
 
 @main.command()

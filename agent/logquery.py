@@ -11,10 +11,9 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.clock import iso_utc, parse_iso
 from agent.config import Config
@@ -38,8 +37,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class LogFilter:
+class LogFilter(NamedTuple):
     worker: str | None = None
     event: str | None = None
     level: str | None = None  # minimum severity
@@ -413,3 +411,21 @@ def runtime_sink(config: Config) -> str:
     from agent.log import choose_sink
 
     return choose_sink(config)
+
+
+def print_logs(
+    config: Config,
+    limit: int,
+    follow: bool,
+    as_json: bool,
+    worker: str | None = None,
+    event: str | None = None,
+    level: str | None = None,
+    since: str | None = None,
+) -> None:
+    """`agentctl logs`: the last `limit` matching events, then new ones with `follow`."""
+    flt = LogFilter(
+        worker=worker, event=event, level=level, since=parse_since(since) if since else None
+    )
+    for line in show_logs(config, flt, limit, follow, as_json):
+        print(line, flush=follow)

@@ -149,3 +149,24 @@ def test_agentctl_logs_follow_prints_new_events(agent_env):
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["logs"], {"limit": 20, "follow": False, "as_json": False}),
+        (
+            ["logs", "-n", "5", "--worker", "queue", "--json", "-f", "--level", "error"],
+            {"limit": 5, "follow": True, "as_json": True, "worker": "queue", "level": "error"},
+        ),
+        (["logs", "-n", "0"], None),  # invalid: click says why
+        (["logs", "--level", "loud"], None),
+        (["logs", "--help"], None),
+        (["logs", "--worker"], None),
+        (["status"], None),
+    ],
+)
+def test_plain_logs_lines_skip_click_and_the_rest_go_to_it(args, expected):
+    from agent.entry import _plain_logs_options
+
+    assert _plain_logs_options(args) == expected
