@@ -40,7 +40,7 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
         last_error = f"supervisor has not updated its state for {stale:.0f}s"
     health = None
     if state == "running":
-        unhealthy = any(w["state"] in UNHEALTHY_STATES for w in workers)
+        unhealthy = any(w["state"] in UNHEALTHY_STATES or _degraded(w) for w in workers)
         health = "degraded" if unhealthy or last_error or unreadable else "healthy"
 
     report = {
@@ -72,6 +72,12 @@ WORKER_KEYS = ("name", "state", "last_heartbeat", "heartbeat_age_s", "restarts",
 
 def _ordered(record: dict[str, Any], first: tuple[str, ...]) -> dict[str, Any]:
     return {**{k: record.get(k) for k in first}, **record}
+
+
+def _degraded(worker: dict[str, Any]) -> bool:
+    """A running worker may say it is degraded: a truthy `degraded` reason in its detail."""
+    detail = worker.get("detail") or {}
+    return worker["state"] == WorkerState.RUNNING and bool(detail.get("degraded"))
 
 
 def _supervisor_state(lock_held: bool, phase: str | None) -> str:
@@ -183,8 +189,7 @@ def _worker_table(workers: list[dict[str, Any]]) -> str:
                 w["state"],
                 "-" if age is None else f"{age:.1f}s ago",
                 str(w.get("restarts", 0)),
-                " ".join(f"{k}={v}" for k, v in (w.get("detail") or {}).items() if v is not None)
-                or "-",
+                _detail_text(w.get("detail") or {}),
                 w.get("last_error") or "-",
             )
         )
@@ -193,6 +198,21 @@ def _worker_table(workers: list[dict[str, Any]]) -> str:
         "  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
         for row in rows
     )
+
+
+def _detail_text(detail: dict[str, Any]) -> str:
+    """k=v pairs, empty values hidden; a nested table (slack profiles) as name:state,..."""
+    parts = []
+    for key, value in detail.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = ",".join(
+                f"{name}:{sub.get('state', '?') if isinstance(sub, dict) else sub}"
+                for name, sub in value.items()
+            )
+        parts.append(f"{key}={value}")
+    return " ".join(parts) or "-"
 
 
 def _duration(seconds: float) -> str:

@@ -291,7 +291,7 @@ class Supervisor:
             self._last_watchdog = now
 
     def healthy(self) -> bool:
-        return not any(r.state in UNHEALTHY_STATES for r in self.runners)
+        return not any(r.state in UNHEALTHY_STATES or r.degraded() for r in self.runners)
 
     def _status_line(self) -> str:
         health = "healthy" if self.healthy() else "degraded"

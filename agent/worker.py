@@ -171,6 +171,10 @@ class WorkerRunner:
                     level=logging.WARNING,
                 )
 
+    def degraded(self) -> bool:
+        """A running worker whose health() carries a truthy `degraded` reason."""
+        return self.state == WorkerState.RUNNING and bool(self._health_detail().get("degraded"))
+
     def mark_shutdown_timeout(self) -> None:
         with self._lock:
             if self.state != WorkerState.ERROR:

@@ -1,14 +1,107 @@
-"""The Slack worker. Not built yet: enabling it reports an honest error in `status`."""
+"""The Slack worker: one ProfileLink (agent/slack_link.py) per [slack.profiles.NAME].
+
+The worker's own loop only heartbeats, hands queue/outgoing/slack_*.json to the profile
+named in each reply, and watches the profile threads (a dead one crashes the worker, and
+the runner restarts it); every network call happens in a profile thread. health()
+reports each profile's state, plus a `degraded` reason while any profile is not running.
+See docs/slack.md.
+"""
+
+import contextlib
+import json
+import os
+import time
+from typing import Any
 
 from agent.config import Config
+from agent.queue import Queue
+from agent.slack_link import RUNNING, WORKER, ProfileLink, move_to_failed, redact
 from agent.worker import Worker, WorkerContext
+
+SCAN_SECONDS = 0.25  # how often outgoing/ is looked at
 
 
 class SlackWorker(Worker):
-    name = "slack"
+    name = WORKER
 
     def __init__(self, config: Config):
         self.config = config
+        self.links: dict[str, ProfileLink] = {}
+        self.outgoing = config.queue_dir / "outgoing"
 
     def initialize(self, ctx: WorkerContext) -> None:
-        raise NotImplementedError("the slack worker is not part of this version yet")
+        Queue(self.config.queue_dir).ensure_dirs()
+        self.links = {
+            name: ProfileLink(name, profile, self.config)
+            for name, profile in self.config.slack.profiles.items()
+        }
+        for link in self.links.values():
+            link.start()
+
+    def run(self, ctx: WorkerContext) -> None:
+        while not ctx.wait(SCAN_SECONDS):
+            for link in self.links.values():
+                if not link.alive() and not ctx.stopping:
+                    crash = link.crash
+                    raise RuntimeError(
+                        f"slack profile {link.name} thread died: "
+                        f"{type(crash).__name__}: {redact(str(crash), tuple(link.secrets))}"
+                    )
+            self._scan_outgoing()
+
+    def _scan_outgoing(self) -> None:
+        found = []
+        try:
+            with os.scandir(self.outgoing) as entries:
+                for entry in entries:
+                    if entry.name.startswith("slack_") and entry.name.endswith(".json"):
+                        with contextlib.suppress(FileNotFoundError):
+                            found.append((entry.stat().st_mtime_ns, entry.name))
+        except FileNotFoundError:
+            return
+        for _, name in sorted(found):  # oldest reply first: a thread's replies keep order
+            if any(name in link.pending for link in self.links.values()):
+                continue  # already handed over
+            path = self.outgoing / name
+            try:
+                reply = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                move_to_failed(self.config.queue_dir, path, "unreadable reply JSON")
+                continue
+            profile = reply.get("channelProfileId") if isinstance(reply, dict) else None
+            link = self.links.get(str(profile))
+            if link is None:
+                move_to_failed(self.config.queue_dir, path, f"unknown slack profile {profile!r}")
+                continue
+            link.offer(path)
+
+    def wake(self) -> None:
+        for link in self.links.values():
+            link.stop()
+
+    def shutdown(self, ctx: WorkerContext) -> None:
+        for link in self.links.values():
+            link.stop()
+        deadline = time.monotonic() + 5
+        for link in self.links.values():
+            link.join(max(deadline - time.monotonic(), 0.1))
+        self.links = {}
+
+    def degraded(self) -> str | None:
+        """Why the worker is degraded (a profile is not running), or None when it is not."""
+        links = dict(self.links)
+        if not links:
+            return "[slack] is enabled but no [slack.profiles.NAME] is configured"
+        bad = [f"{name} {link.state}" for name, link in links.items() if link.state != RUNNING]
+        return ("slack profile " + ", ".join(bad)) if bad else None
+
+    def health(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {
+            "profiles": {name: link.health() for name, link in dict(self.links).items()}
+        }
+        reason = self.degraded()
+        if reason:
+            detail["degraded"] = reason
+        return detail

@@ -1,0 +1,178 @@
+"""What the Slack worker remembers on disk, per profile, so that nothing is missed or doubled.
+
+    state_dir/slack/<profile>/channels/<channel>.json   the cursor of one channel: the newest
+        message ts seen, the recent ts already enqueued (duplicate deliveries are dropped
+        against it) and the threads the bot takes part in (whose replies it listens to)
+    state_dir/slack/<profile>/routes/<ts>.json           where the reply to message <ts> goes
+        (the Slack channel and thread), removed once the reply is posted
+
+Every write is atomic (temp file, fsync, rename, fsync of the directory).
+"""
+
+import contextlib
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.fsutil import atomic_write_json
+
+SEEN_LIMIT = 1000  # message ts remembered per channel for duplicate detection
+THREAD_LIMIT = 200  # threads per channel whose replies the bot listens to
+ROUTE_MAX_AGE = 14 * 86400  # routes of messages that never got a reply are pruned after this
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(text: str) -> str:
+    """A string usable as (part of) a file name."""
+    return _SAFE.sub("_", text) or "_"
+
+
+def ts_key(ts: str) -> tuple[int, int]:
+    """Slack ts '1700000000.000100' as a sortable number pair."""
+    whole, _, frac = str(ts).partition(".")
+    try:
+        return int(whole), int(frac.ljust(6, "0")[:6] or 0)
+    except ValueError:
+        return 0, 0
+
+
+class ChannelCursor:
+    """The persisted state of one profile's channel."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        data: dict[str, Any] = {}
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError):
+            data = {}  # an unreadable cursor only costs a wider backfill
+        self.cursor: str | None = data.get("cursor")
+        self.seen: list[str] = list(data.get("seen") or [])
+        self.threads: list[str] = list(data.get("threads") or [])
+        self._seen_set = set(self.seen)
+        # While pinned (a backfill from this cursor is due or running) the cursor stays put:
+        # moving past a message not fetched yet could lose it. `held` is where it may go.
+        self.pinned = False
+        self.held: str | None = None
+
+    def already_seen(self, ts: str) -> bool:
+        if ts in self._seen_set:
+            return True
+        # Older than everything we still remember, with the memory full: an old redelivery.
+        return len(self.seen) >= SEEN_LIMIT and ts_key(ts) <= ts_key(self.seen[0])
+
+    def record(self, ts: str, thread: str) -> None:
+        """Remember an enqueued message and the thread it belongs to."""
+        self.seen.append(ts)
+        self.seen.sort(key=ts_key)
+        del self.seen[:-SEEN_LIMIT]
+        self._seen_set = set(self.seen)
+        self._move(ts)
+        if thread in self.threads:
+            self.threads.remove(thread)
+        self.threads.append(thread)
+        del self.threads[:-THREAD_LIMIT]
+        self.save()
+
+    def advance(self, ts: str) -> None:
+        """Move the cursor past a message that was seen but not wanted (not for the bot)."""
+        if self._move(ts):
+            self.save()
+
+    def unpin(self) -> None:
+        """The backfill succeeded: the cursor may now pass what arrived meanwhile."""
+        held, self.held, self.pinned = self.held, None, False
+        if held is not None:
+            self.advance(held)
+
+    def _move(self, ts: str) -> bool:
+        if self.pinned:
+            if self.held is None or ts_key(ts) > ts_key(self.held):
+                self.held = ts
+            return False
+        if self.cursor is None or ts_key(ts) > ts_key(self.cursor):
+            self.cursor = ts
+            return True
+        return False
+
+    def save(self) -> None:
+        atomic_write_json(
+            self.path, {"cursor": self.cursor, "seen": self.seen, "threads": self.threads}
+        )
+
+
+class ProfileStore:
+    """One profile's cursors and reply routes; thread-safe."""
+
+    def __init__(self, state_dir: Path, profile: str):
+        self.root = state_dir / "slack" / safe_name(profile)
+        self.channels_dir = self.root / "channels"
+        self.routes_dir = self.root / "routes"
+        self.lock = threading.RLock()
+        self._cursors: dict[str, ChannelCursor] = {}
+
+    def prepare(self) -> None:
+        for directory in (self.channels_dir, self.routes_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.prune_routes()
+
+    def channel(self, channel: str) -> ChannelCursor:
+        with self.lock:
+            if channel not in self._cursors:
+                path = self.channels_dir / f"{safe_name(channel)}.json"
+                self._cursors[channel] = ChannelCursor(path)
+            return self._cursors[channel]
+
+    def known_channels(self) -> list[str]:
+        with self.lock:
+            names = {p.stem for p in self.channels_dir.glob("*.json")}
+            return sorted(names | set(self._cursors))
+
+    def pin(self, channels: list[str]) -> dict[str, str]:
+        """Pin the channels that have a cursor and return those cursors: the backfill plan."""
+        with self.lock:
+            plan = {}
+            for name in channels:
+                cursor = self.channel(name)
+                if cursor.cursor is not None:  # never seen anything: nothing can be missed
+                    cursor.pinned = True
+                    plan[name] = cursor.cursor
+            return plan
+
+    def unpin(self, channel: str) -> None:
+        with self.lock:
+            self.channel(channel).unpin()
+
+    # ---- reply routes
+
+    def write_route(self, ts: str, channel: str, thread_ts: str) -> None:
+        atomic_write_json(
+            self.routes_dir / f"{safe_name(ts)}.json",
+            {"channel": channel, "thread_ts": thread_ts, "created": time.time()},
+        )
+
+    def route(self, ts: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.routes_dir / f"{safe_name(ts)}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def drop_route(self, ts: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.routes_dir / f"{safe_name(ts)}.json")
+
+    def prune_routes(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for path in self.routes_dir.glob("*.json"):
+            try:
+                if now - path.stat().st_mtime > ROUTE_MAX_AGE:
+                    path.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,116 @@
+"""Small pieces of the Slack worker, without a supervisor: redaction, tokens, cursors."""
+
+import pytest
+
+from agent.slack_link import (
+    AUTH_FAILED,
+    AUTH_MISSING,
+    SlackProblem,
+    _retry_after,
+    api_problem,
+    read_token,
+    redact,
+    resolve_token_path,
+)
+from agent.slack_store import SEEN_LIMIT, ChannelCursor, ProfileStore, ts_key
+
+
+def test_redact_removes_known_and_token_shaped_strings_and_tickets():
+    text = "bad xoxb-123-456-abc and xapp-1-A1-999-def at wss://x/link/?ticket=abc123&app_id=A1"
+    clean = redact(text, ("secretvalue",))
+    assert "xoxb-" not in clean and "xapp-" not in clean and "abc123" not in clean
+    assert "app_id=A1" in clean
+    assert redact("token secretvalue here", ("secretvalue",)) == "token [redacted] here"
+
+
+def test_token_path_absolute_or_under_credentials_directory(tmp_path):
+    from pathlib import Path
+
+    assert resolve_token_path("/etc/x/bot", {}) == Path("/etc/x/bot")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert resolve_token_path("slack-bot", env) == tmp_path / "slack-bot"
+    assert resolve_token_path(str(tmp_path / "abs"), env) == tmp_path / "abs"
+
+
+def test_read_token_reports_auth_missing_without_the_token(tmp_path):
+    with pytest.raises(SlackProblem) as missing:
+        read_token(str(tmp_path / "nope"), "bot")
+    assert missing.value.state == AUTH_MISSING
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SlackProblem) as empty:
+        read_token(str(tmp_path / "empty"), "app")
+    assert empty.value.state == AUTH_MISSING and "empty" in str(empty.value)
+    (tmp_path / "good").write_text("xoxb-1-2-3\n")
+    assert read_token(str(tmp_path / "good"), "bot") == "xoxb-1-2-3"
+
+
+def test_api_errors_become_safe_problems():
+    from slack_sdk.errors import SlackApiError
+    from slack_sdk.web import SlackResponse
+
+    def response(body, status=200, headers=None):
+        return SlackResponse(
+            client=None,
+            http_verb="POST",
+            api_url="http://x/api/auth.test",
+            req_args={"headers": {"Authorization": "Bearer xoxb-leak-me"}},
+            data=body,
+            headers=headers or {},
+            status_code=status,
+        )
+
+    auth = api_problem(
+        SlackApiError("x", response({"ok": False, "error": "invalid_auth"})), (), "a"
+    )
+    assert auth.state == AUTH_FAILED and str(auth) == "a: invalid_auth"
+    boom = api_problem(OSError("connect to xoxb-leak-me failed"), ("xoxb-leak-me",), "b")
+    assert "leak" not in str(boom)
+    limited = response({"ok": False, "error": "ratelimited"}, 429, {"Retry-After": "7"})
+    assert _retry_after(limited) == 7.0
+    assert _retry_after(response({"ok": False}, 429)) == 1.0
+
+
+def test_cursor_remembers_seen_and_threads(tmp_path):
+    cursor = ChannelCursor(tmp_path / "c.json")
+    assert cursor.cursor is None and not cursor.already_seen("1.000001")
+    cursor.record("1.000002", "1.000002")
+    cursor.record("1.000001", "1.000002")  # out of order: still recorded, cursor keeps max
+    again = ChannelCursor(tmp_path / "c.json")
+    assert again.cursor == "1.000002"
+    assert again.already_seen("1.000001") and again.already_seen("1.000002")
+    assert again.threads == ["1.000002"]
+
+
+def test_cursor_is_pinned_until_its_backfill_succeeds(tmp_path):
+    store = ProfileStore(tmp_path, "main")
+    store.prepare()
+    store.channel("C1").record("5.000000", "5.000000")
+    assert store.pin(["C1", "C2"]) == {"C1": "5.000000"}  # C2 has no cursor: nothing to fetch
+    cursor = store.channel("C1")
+    cursor.record("9.000000", "9.000000")  # arrived while the backfill is due or running
+    cursor.advance("10.000000")
+    assert ChannelCursor(cursor.path).cursor == "5.000000"  # a crash now loses nothing
+    assert ChannelCursor(cursor.path).already_seen("9.000000")
+    store.unpin("C1")
+    assert ChannelCursor(cursor.path).cursor == "10.000000"
+    cursor.advance("11.000000")
+    assert ChannelCursor(cursor.path).cursor == "11.000000"
+
+
+def test_seen_memory_is_bounded(tmp_path):
+    cursor = ChannelCursor(tmp_path / "c.json")
+    for i in range(SEEN_LIMIT + 10):
+        cursor.seen.append(f"{1000 + i}.000000")
+    cursor.record(f"{5000}.000000", "1.0")
+    assert len(cursor.seen) == SEEN_LIMIT
+    assert cursor.already_seen("1000.000000")  # older than anything remembered
+    assert ts_key("1700000000.0001") == (1700000000, 100)
+
+
+def test_routes_round_trip(tmp_path):
+    store = ProfileStore(tmp_path, "main")
+    store.prepare()
+    store.write_route("1.5", "C1", "1.0")
+    assert store.route("1.5")["channel"] == "C1"
+    store.drop_route("1.5")
+    assert store.route("1.5") is None
