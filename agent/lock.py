@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from agent.errors import AgentError, AlreadyRunning
+from agent.errors import AgentError, AlreadyRunning, PermissionDenied
 
 READER_RETRY_SECONDS = 2.0
 PID_READ_SECONDS = 1.0
@@ -80,6 +80,11 @@ def _shared_probe(path: Path) -> bool:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
+    except PermissionError:
+        raise PermissionDenied(
+            f"{path}: permission denied; the agent's state is readable by root and its own "
+            "user (e.g. sudo agentctl ...)"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return True

@@ -97,7 +97,11 @@ def file_tail(path: Path, flt: LogFilter, limit: int) -> list[dict[str, Any]]:
 
 
 def _records_backwards(path: Path) -> Iterator[dict[str, Any]]:
-    for file in [path, *_rotated(path)]:
+    try:
+        files = [path, *_rotated(path)]
+    except PermissionError:
+        raise PermissionDenied(f"{path.parent}: permission denied reading the agent log") from None
+    for file in files:
         for line in _lines_backwards(file):
             record = _parse_line(line)
             if record is not None:

@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import pid_alive, skip_or_fail, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -281,3 +282,41 @@ def test_start_prints_why_a_supervisor_failed_after_taking_the_lock(agent_env):
     failed = agent_env.events("supervisor.failed")
     assert len(failed) == 1 and failed[0]["level"] == "critical"
     assert "Traceback" in failed[0]["traceback"]  # the details are in the log, not on the screen
+
+
+def test_unprivileged_user_gets_a_clear_permission_error(tmp_path_factory):
+    if os.geteuid() != 0:
+        skip_or_fail("needs root to run agentctl as another user")
+    root = tmp_path_factory.mktemp("perm")
+    root.chmod(0o755)
+    for parent in root.parents:  # nobody must reach the config file
+        if parent == Path("/tmp"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o005)
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    (state / "agent.lock").touch()
+    config = root / "agent.toml"
+    config.write_text(f'state_dir = "{state}"\n')
+    config.chmod(0o644)
+    checkout = Path(__file__).resolve().parents[1]
+    for command in (["status"], ["status", "--json"], ["logs"], ["stop"], ["start"]):
+        done = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-m",
+                "agent",
+                *command,
+            ],
+            env={"AGENT_CONFIG": str(config), "PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 77, (command, done.stderr)
+        assert "permission denied" in done.stderr and "Traceback" not in done.stderr
