@@ -15,8 +15,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old content or the new, never a mix; the new survives a crash."""
+def atomic_write_bytes(
+    path: Path, data: bytes, mode: int = 0o644, times_ns: tuple[int, int] | None = None
+) -> None:
+    """Readers see the old content or the new, never a mix; the new survives a crash.
+
+    times_ns, (atime, mtime) in nanoseconds, keeps a file's place in an mtime-ordered queue.
+    """
     import tempfile  # here, not at the top: `agentctl status` reads state but never writes
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -24,6 +29,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            if times_ns is not None:
+                os.utime(handle.fileno(), ns=times_ns)
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)

@@ -14,7 +14,6 @@ Every move is an atomic rename followed by an fsync of the directories it touche
 import contextlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.clock import iso_utc
-from agent.fsutil import atomic_write_json, fsync_dir
+from agent.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
 DIRS = ("tmp", "incoming", "processing", "outgoing", "failed")
 REQUIRED_TEXT = ("channel", "messageId", "message", "sender", "senderId")
@@ -214,7 +213,7 @@ class Queue:
         path = self.processing / message.name
         stat = os.stat(path)
         data = json.dumps(message.data, ensure_ascii=False, indent=2).encode() + b"\n"
-        _replace_keeping_times(path, data, stat.st_atime_ns, stat.st_mtime_ns)
+        atomic_write_bytes(path, data, stat.st_mode & 0o777, (stat.st_atime_ns, stat.st_mtime_ns))
 
     # ---- producers
 
@@ -278,22 +277,6 @@ def _free_name(directory: Path, name: str) -> str:
         candidate = f"{stem}.{uuid.uuid4().hex[:8]}.json"
         if not (directory / candidate).exists():
             return candidate
-
-
-def _replace_keeping_times(path: Path, data: bytes, atime_ns: int, mtime_ns: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.utime(handle.fileno(), ns=(atime_ns, mtime_ns))
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def _count_json(directory: Path) -> int:
