@@ -106,6 +106,8 @@ def parse(raw: bytes) -> dict[str, Any]:
         raise InvalidMessage(f"not UTF-8: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. nesting too deep for the parser
+        raise InvalidMessage(f"unreadable JSON: {type(exc).__name__}: {exc}") from None
     return validate(data)
 
 
@@ -149,18 +151,30 @@ class Queue:
                 continue
             claimed.append(target)
         if claimed:
-            fsync_dir(self.processing)
-            fsync_dir(self.incoming)
+            try:
+                fsync_dir(self.processing)
+                fsync_dir(self.incoming)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self.unclaim(claimed)  # not durable: nobody may work on them yet
+                raise
         return claimed
 
     def recover(self) -> list[str]:
         """At start: everything left in processing/ goes back to incoming/, order kept."""
         for sub in (self.processing, self.outgoing, self.failed):
             _remove_stale_temp_files(sub)  # a crash mid-write leaves them; nobody reads them
+        return self.unclaim(self.oldest_first(self.processing))
+
+    def unclaim(self, names: list[str]) -> list[str]:
+        """Give claimed messages back to incoming/ (a rename keeps their place in the order)."""
         moved = []
-        for name in self.oldest_first(self.processing):
+        for name in names:
             target = _free_name(self.incoming, name)
-            os.rename(self.processing / name, self.incoming / target)
+            try:
+                os.rename(self.processing / name, self.incoming / target)
+            except FileNotFoundError:
+                continue
             moved.append(target)
         if moved:
             fsync_dir(self.incoming)

@@ -11,6 +11,7 @@ import pytest
 from agent.dirwatch import DirWatcher
 from agent.lanes import Lanes
 from agent.queue import InvalidMessage, Queue, new_message, parse, reply_name
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -197,3 +198,33 @@ def test_claim_all_respects_a_limit(q):
         put(q, f"{i}.json", msg(i), base + i)
     assert q.claim_all(limit=2) == ["0.json", "1.json"]
     assert q.depth() == 3
+
+
+def test_a_poison_file_goes_to_failed_and_never_stalls_the_queue(agent_env):
+    from agent.queue import Queue
+
+    agent_env.write_config(**{"agents.default": {"command": ["cat"]}})
+    agent_env.start()
+    queue = Queue(agent_env.state_dir / "queue")
+    (queue.tmp / "poison.json").write_text("[" * 200_000)
+    os.rename(queue.tmp / "poison.json", queue.incoming / "0-poison.json")
+    for i in range(3):
+        queue.enqueue(
+            {
+                "channel": "local",
+                "messageId": f"ok{i}",
+                "message": f"m{i}",
+                "sender": "t",
+                "senderId": "t",
+                "timestamp": 1,
+            },
+            name=f"1-ok{i}.json",
+        )
+    wait_for(
+        lambda: sorted(os.listdir(queue.outgoing)) == [f"local_ok{i}.json" for i in range(3)],
+        what="the three good messages answered",
+    )
+    assert "0-poison.json" in os.listdir(queue.failed)
+    assert "unreadable JSON: RecursionError" in (queue.failed / "0-poison.json.reason").read_text()
+    assert os.listdir(queue.processing) == []
+    assert agent_env.worker("queue")["state"] == "running"

@@ -94,19 +94,30 @@ class QueueWorker(Worker):
         except OSError as exc:  # a full disk or a lost directory: report, retry next round
             self._error(f"claim failed: {exc}")
             return
-        for name in names:
+        for index, name in enumerate(names):
             ctx.beat()  # a batch can be long (up to the hand-off limit)
-            self._hand_over(name)
+            try:
+                self._hand_over(name)
+            except Exception as exc:
+                # Nothing claimed may be stranded in processing/: this message and the rest
+                # of the batch go back to incoming/, in order, for the next round.
+                self._error(f"cannot hand over {name}: {type(exc).__name__}: {exc}")
+                self._give_back(names[index:])
+                break
         self.depth = self.queue.depth()
 
+    def _give_back(self, names: list[str]) -> None:
+        try:
+            self.queue.unclaim(names)
+        except OSError as exc:  # still in processing/: the next start recovers them
+            self._error(f"cannot return {len(names)} message(s) to incoming/: {exc}")
+
     def _hand_over(self, name: str) -> None:
+        """Raises OSError when the file cannot be read; invalid content goes to failed/."""
         try:
             message = self.queue.load(name)
         except InvalidMessage as exc:
             self._reject(name, str(exc))
-            return
-        except OSError as exc:
-            self._error(f"cannot read {name}: {exc}")
             return
         self.claimed += 1
         self.last_claimed = time.time()
@@ -121,11 +132,7 @@ class QueueWorker(Worker):
         self.handoff.put(message)
 
     def _reject(self, name: str, reason: str) -> None:
-        try:
-            target = self.queue.fail(name, reason)
-        except OSError as exc:
-            self._error(f"cannot move {name} to failed/: {exc}")
-            return
+        target = self.queue.fail(name, reason)  # OSError: the batch goes back to incoming/
         self.last_error = f"{name}: {reason}"
         event(
             "message.failed",
