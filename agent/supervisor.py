@@ -187,7 +187,7 @@ class Supervisor:
             runner.request_stop()
         self._flush_state(force=True)
         forced = self._wait_for_workers(self.config.supervisor.stop_timeout)
-        stragglers = [r for r in self.runners if r.is_alive()]
+        stragglers = [r for r in self.runners if r.is_alive() and r.mark_shutdown_timeout()]
         if stragglers:
             self._abandon(stragglers, forced)
         killed = self.children.kill_all()
@@ -244,8 +244,6 @@ class Supervisor:
         else:
             self.outcome = Outcome.SHUTDOWN_TIMEOUT
             self.last_error = f"shutdown timeout waiting for workers: {names}"
-        for runner in stragglers:
-            runner.mark_shutdown_timeout()
         event(
             "supervisor.shutdown.timeout",
             self.last_error,

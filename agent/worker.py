@@ -175,11 +175,15 @@ class WorkerRunner:
         """A running worker whose health() carries a truthy `degraded` reason."""
         return self.state == WorkerState.RUNNING and bool(self._health_detail().get("degraded"))
 
-    def mark_shutdown_timeout(self) -> None:
+    def mark_shutdown_timeout(self) -> bool:
+        """Record that this worker did not stop in time; False if it just managed to."""
         with self._lock:
+            if self.state == WorkerState.STOPPED:  # its thread is only finishing its log line
+                return False
             if self.state != WorkerState.ERROR:
                 self._move(WorkerState.ERROR)
             self.last_error = "shutdown timeout"
+            return True
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

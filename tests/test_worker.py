@@ -166,3 +166,12 @@ def test_snapshot_has_the_status_fields():
     assert {"name", "state", "last_heartbeat", "restarts", "last_error"} <= set(snap)
     assert snap["state"] == "running" and snap["last_heartbeat"].endswith("Z")
     stop(runner)
+
+
+def test_a_worker_that_just_stopped_is_not_marked_as_a_straggler():
+    runner = runner_for(Idle())
+    runner.start()
+    assert runner.first_attempt_done.wait(5)
+    stop(runner)
+    assert runner.mark_shutdown_timeout() is False  # no InvalidTransition stopped -> error
+    assert (runner.state, runner.last_error) == (WorkerState.STOPPED, None)
