@@ -35,7 +35,9 @@ LIVE_PHASES = frozenset({Phase.STARTING, Phase.READY, Phase.STOPPING})
 
 WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.STOPPED: frozenset({WorkerState.STARTING}),
-    WorkerState.STARTING: frozenset({WorkerState.RUNNING, WorkerState.ERROR, WorkerState.STOPPING}),
+    WorkerState.STARTING: frozenset(
+        {WorkerState.RUNNING, WorkerState.ERROR, WorkerState.STOPPING, WorkerState.HUNG}
+    ),
     WorkerState.RUNNING: frozenset({WorkerState.HUNG, WorkerState.ERROR, WorkerState.STOPPING}),
     WorkerState.HUNG: frozenset({WorkerState.RUNNING, WorkerState.ERROR, WorkerState.STOPPING}),
     WorkerState.STOPPING: frozenset({WorkerState.STOPPED, WorkerState.ERROR}),

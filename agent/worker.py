@@ -118,6 +118,8 @@ class WorkerRunner:
         self.restarts = 0
         self.last_error: str | None = None
         self.state = WorkerState.STOPPED
+        self._state_since = time.monotonic()
+        self._hung_in_initialize = False  # hung because initialize never finished
         self.first_attempt_done = threading.Event()
         self.gave_up = False  # crashed restart_limit times within restart_window: stays error
         self._slow_stop_seconds = stop_timeout * 3 + 5
@@ -149,7 +151,8 @@ class WorkerRunner:
         return max(now - self.ctx.last_beat, 0.0)
 
     def check_heartbeat(self, now: float, hang_timeout: float) -> None:
-        """running -> hung when the heartbeat is too old; hung -> running when it is fresh."""
+        """running -> hung when the heartbeat is too old, starting -> hung when initialize
+        takes longer than hang_timeout; hung -> running when the worker shows life again."""
         age = self.heartbeat_age(now)
         with self._lock:
             if self.state == WorkerState.RUNNING and age > hang_timeout:
@@ -162,7 +165,23 @@ class WorkerRunner:
                     level=logging.ERROR,
                     heartbeat_age_s=round(age, 1),
                 )
-            elif self.state == WorkerState.HUNG and age <= hang_timeout:
+            elif self.state == WorkerState.STARTING and now - self._state_since > hang_timeout:
+                waited = now - self._state_since
+                self._move(WorkerState.HUNG)
+                self._hung_in_initialize = True
+                self.last_error = f"initialize has not finished after {waited:.1f}s"
+                event(
+                    "worker.hung",
+                    f"worker {self.name}: {self.last_error}",
+                    worker=self.name,
+                    level=logging.ERROR,
+                    starting_for_s=round(waited, 1),
+                )
+            elif (
+                self.state == WorkerState.HUNG
+                and not self._hung_in_initialize
+                and age <= hang_timeout
+            ):
                 self._move(WorkerState.RUNNING)
                 event(
                     "worker.recovered",
@@ -263,10 +282,11 @@ class WorkerRunner:
 
     def _mark_running(self) -> None:
         with self._lock:
-            if self.state != WorkerState.STARTING:  # a stop arrived during initialize
+            late = self.state == WorkerState.HUNG and self._hung_in_initialize
+            if self.state != WorkerState.STARTING and not late:  # a stop arrived meanwhile
                 return
             self._move(WorkerState.RUNNING)
-            recovered = self.restarts > 0
+            recovered = self.restarts > 0 or late
         event(
             "worker.started",
             f"worker {self.name} started",
@@ -341,6 +361,8 @@ class WorkerRunner:
     def _move(self, new: WorkerState) -> None:
         check_worker_transition(self.state, new)
         self.state = new
+        self._state_since = time.monotonic()
+        self._hung_in_initialize = False  # set again right after a move to hung from starting
 
     def _health_detail(self) -> dict[str, Any]:
         if self.state not in ALIVE_STATES:

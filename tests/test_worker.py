@@ -175,3 +175,31 @@ def test_a_worker_that_just_stopped_is_not_marked_as_a_straggler():
     stop(runner)
     assert runner.mark_shutdown_timeout() is False  # no InvalidTransition stopped -> error
     assert (runner.state, runner.last_error) == (WorkerState.STOPPED, None)
+
+
+class SlowInitialize(Idle):
+    """Initialize blocks until released (a mount, a network call)."""
+
+    name = "slow-init"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def initialize(self, ctx: WorkerContext) -> None:
+        self.release.wait()
+
+
+def test_initialize_that_outlasts_the_hang_timeout_is_hung_then_recovers():
+    worker = SlowInitialize()
+    runner = runner_for(worker)
+    runner.start()
+    wait_for(lambda: runner.state == WorkerState.STARTING, what="starting")
+    runner.check_heartbeat(time.monotonic() + 5, hang_timeout=2)
+    assert runner.state == WorkerState.HUNG
+    assert runner.last_error.startswith("initialize has not finished after")
+    runner.check_heartbeat(time.monotonic(), hang_timeout=2)  # a fresh old beat is no proof
+    assert runner.state == WorkerState.HUNG
+    worker.release.set()
+    wait_for(lambda: runner.state == WorkerState.RUNNING, what="running once initialized")
+    stop(runner)
