@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from agent.errors import AgentError
+from agent.errors import AgentError, os_error
 
 
 class AgentGroup(click.Group):
@@ -20,6 +20,10 @@ class AgentGroup(click.Group):
         except AgentError as exc:
             click.echo(f"agentctl: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # the machine said no (permissions, a full disk): say what
+            error = os_error(exc)
+            click.echo(f"agentctl: {error}", err=True)
+            ctx.exit(error.exit_code)
         except KeyboardInterrupt:
             ctx.exit(130)
 

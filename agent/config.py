@@ -44,6 +44,10 @@ class Setting:
         return self.check is not None and not self.check(self.default)
 
 
+def _finite(value: float) -> bool:
+    return value - value == 0  # false for inf and nan, without importing math
+
+
 def _positive(value: float) -> bool:
     return value > 0
 
@@ -215,6 +219,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
 
 
 def _build(table: dict[str, Any], path: Path | None, env: dict[str, str]) -> Config:
@@ -281,7 +287,7 @@ def _section(cls: type[Section], values: dict[str, Any], where: str, name: str) 
 
 
 _KIND_TESTS: dict[str, Callable[[Any], bool]] = {
-    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and _finite(v),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),

@@ -65,13 +65,17 @@ def _quick(config_path: str | None, command, **options) -> int:
     import os
 
     from agent.config import load_config
-    from agent.errors import AgentError
+    from agent.errors import AgentError, os_error
 
     try:
         return command(load_config(config_path or os.environ.get("AGENT_CONFIG")), **options)
     except AgentError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        error = os_error(exc)
+        print(f"agentctl: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -41,3 +41,12 @@ class AlreadyRunning(AgentError):
 
 class PermissionDenied(AgentError):
     exit_code = EXIT_PERMISSION
+
+
+def os_error(exc: OSError) -> AgentError:
+    """An OSError met while serving an operator, as one line naming the file."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(f"{where}permission denied (run as root or as the agent's user)")
+    return AgentError(f"{where}{reason}")

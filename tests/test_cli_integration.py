@@ -300,7 +300,8 @@ def test_unprivileged_user_gets_a_clear_permission_error(tmp_path_factory):
     config.write_text(f'state_dir = "{state}"\n')
     config.chmod(0o644)
     checkout = Path(__file__).resolve().parents[1]
-    for command in (["status"], ["status", "--json"], ["logs"], ["stop"], ["start"]):
+    commands = (["status"], ["status", "--json"], ["logs"], ["stop"], ["start"], ["send", "hi"])
+    for command in commands:
         done = subprocess.run(
             [
                 "setpriv",

@@ -109,3 +109,17 @@ def test_bad_config_names_file_key_and_expectation(tmp_path, text, message):
 def test_missing_explicit_config_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "absent.toml"), env={})
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_seconds_are_refused(tmp_path, value):
+    path = write(tmp_path, f"[supervisor]\nstop_timeout = {value}\n")
+    with pytest.raises(ConfigError, match="stop_timeout: expected a number of seconds > 0"):
+        load_config(path, env={})
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"state_dir = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(str(path), env={})
