@@ -247,6 +247,9 @@ def _record_killed(config: Config, reason: str) -> None:
     except AgentError:
         return  # a new supervisor already started; its state is the one that matters
     try:
+        from agent.runledger import RunLedger
+
+        RunLedger(config.state_dir / "runs").kill_leftovers()  # its agent runs die with it
         saved = read_state(config.state_path)
         if saved and saved["supervisor"].get("phase") != "stopped":
             saved["supervisor"].update(

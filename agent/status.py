@@ -29,6 +29,11 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
         saved, unreadable = None, str(exc)
     sup = dict(saved["supervisor"]) if saved else {}
     workers = [dict(w) for w in saved["workers"]] if saved else []
+    if lock.held and sup.get("pid") not in (None, lock.pid):
+        # A new supervisor holds the lock but has not written its state yet: the file is
+        # the previous run's, and says nothing about this one.
+        sup = {"phase": "starting", "previous_run": {"pid": sup.get("pid")}}
+        workers = []
     hang_timeout = sup.get("hang_timeout") or config.supervisor.hang_timeout
 
     state = _supervisor_state(lock.held, sup.get("phase"))

@@ -26,7 +26,7 @@ def config(tmp_path):
 def saved(phase="ready", beat="2026-11-24T07:00:09.600Z", worker_state="running", **sup):
     return {
         "supervisor": {
-            "pid": 4242,
+            "pid": os.getpid(),
             "phase": phase,
             "outcome": "running",
             "started_at": "2026-11-24T06:00:00.123Z",
@@ -163,3 +163,12 @@ def test_unreadable_state_with_a_live_lock_is_degraded_not_a_traceback(config, h
     report = collect_status(config, now=NOW)
     assert report["supervisor"]["health"] == "degraded"
     assert "not valid JSON" in report["supervisor"]["last_error"]
+
+
+def test_a_new_holder_does_not_inherit_the_previous_runs_state(config, held):
+    write_state(config.state_path, saved(pid=1, worker_state="error"))  # another run's file
+    report = collect_status(config, now=NOW)
+    assert report["supervisor"]["state"] == "running"
+    assert report["supervisor"]["phase"] == "starting"
+    assert report["workers"] == []
+    assert status_exit_code(report) == 0
