@@ -1,5 +1,7 @@
 """The heartbeat worker through a real supervisor: prompts, replies, misses."""
 
+import os
+
 import pytest
 
 from tests.helpers import wait_for
@@ -71,6 +73,11 @@ def test_heartbeat_missed_when_no_reply_in_time(agent_env, tmp_path):
     record = wait_for(lambda: agent_env.events("heartbeat.missed"), what="heartbeat.missed")[0]
     assert record["agent"] == "default" and record["level"] == "warning"
     assert record["reason"] == "no reply in time"
+    # While that heartbeat is still queued, later ticks do not pile more into its lane.
+    wait_for(lambda: agent_env.worker("heartbeat")["detail"]["skipped"] >= 4, what="skipped ticks")
+    queue = agent_env.state_dir / "queue"
+    queued = [n for d in ("incoming", "processing") for n in os.listdir(queue / d)]
+    assert len(queued) == 1, queued
 
 
 def test_heartbeat_disabled_by_default(agent_env):

@@ -35,6 +35,7 @@ class Pending:
     agent: str
     message_id: str
     sent: float  # monotonic
+    file: str = ""  # its name in incoming/ (and then processing/)
     missed: bool = False
 
 
@@ -49,6 +50,7 @@ class HeartbeatWorker(Worker):
         self.last_tick: float | None = None
         self.last_reply: float | None = None
         self.missed = 0
+        self.skipped = 0  # ticks not sent because the previous heartbeat was still queued
         self.last_error: str | None = None
 
     def initialize(self, ctx: WorkerContext) -> None:
@@ -75,6 +77,7 @@ class HeartbeatWorker(Worker):
             "last_reply": iso_utc(self.last_reply) if self.last_reply else None,
             "waiting": len(self.pending),
             "missed": self.missed,
+            "skipped": self.skipped,
             "last_error": self.last_error,
         }
 
@@ -93,6 +96,11 @@ class HeartbeatWorker(Worker):
             self.last_error = "no agent configured"
             return
         for agent in self.config.agents:
+            if self._still_queued(agent):
+                # A slow or stuck agent: one heartbeat waiting for it is enough; more would
+                # only pile up in its lane.
+                self.skipped += 1
+                continue
             data = new_message(
                 CHANNEL,
                 self.prompt_for(agent),
@@ -103,12 +111,20 @@ class HeartbeatWorker(Worker):
                 conversationId=f"heartbeat-{agent}",
             )
             try:
-                self.queue.enqueue(data)
+                path = self.queue.enqueue(data)
             except OSError as exc:
                 self.last_error = f"cannot enqueue heartbeat for {agent}: {exc}"
                 event("heartbeat.error", self.last_error, worker=self.name, level=logging.ERROR)
                 continue
-            self.pending[data["messageId"]] = Pending(agent, data["messageId"], time.monotonic())
+            self.pending[data["messageId"]] = Pending(
+                agent, data["messageId"], time.monotonic(), path.name
+            )
+
+    def _still_queued(self, agent: str) -> bool:
+        return any(item.agent == agent and self._in_queue(item) for item in self.pending.values())
+
+    def _in_queue(self, item: Pending) -> bool:
+        return any((d / item.file).exists() for d in (self.queue.incoming, self.queue.processing))
 
     def _check_replies(self, now: float) -> None:
         for message_id, item in list(self.pending.items()):
@@ -123,7 +139,7 @@ class HeartbeatWorker(Worker):
             failed = (self.queue.failed / name).exists()
             if not item.missed and (failed or now - item.sent >= self.interval):
                 self._missed(item, "the agent run failed" if failed else "no reply in time")
-            if failed or now - item.sent >= 10 * self.interval:
+            if failed or (now - item.sent >= 10 * self.interval and not self._in_queue(item)):
                 del self.pending[message_id]
 
     def _replied(self, item: Pending, reply: dict[str, Any], now: float) -> None:
