@@ -70,10 +70,14 @@ def run_agent(
         )
     except OSError as exc:
         return RunResult(False, error=f"cannot start {agent.command[0]}: {exc}")
-    if ledger is not None:
-        ledger.record(proc.pid)
     try:
+        if ledger is not None:
+            ledger.record(proc.pid)
         return _communicate(children, proc, agent, text.encode(), stop)
+    except BaseException:
+        children.kill_group(proc)  # e.g. the ledger could not be written: no orphan run
+        proc.wait()
+        raise
     finally:
         children.forget(proc)
         if ledger is not None:

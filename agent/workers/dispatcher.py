@@ -124,7 +124,11 @@ class DispatcherWorker(Worker):
             return
         _, life, lane, number, outcome, delay = item
         if life != self.life:
-            return  # a thread of a previous life; its message was requeued already
+            # A thread of a previous life. Its message was queued again at initialize; if
+            # that thread still finished it, it must not run a second time.
+            if outcome not in (RETRY, STOPPED) and self.unfinished.pop(number, None) is not None:
+                self.handoff.finished()
+            return
         if outcome == RETRY:
             self.lanes.retry_at(lane, time.monotonic() + delay)
         elif outcome == STOPPED:
@@ -156,7 +160,10 @@ class DispatcherWorker(Worker):
     ) -> None:
         delay = 0.0
         try:
-            outcome, delay = self._attempt(message, stop)
+            if self.unfinished.get(number) is not message:
+                outcome = DONE  # a previous life of this worker finished it meanwhile
+            else:
+                outcome, delay = self._attempt(message, stop)
         except FileNotFoundError as exc:  # somebody removed the claimed file
             self._note_error(f"{message.name}: {exc}")
             outcome = DONE
@@ -168,6 +175,8 @@ class DispatcherWorker(Worker):
         self.handoff.inbox.put(("finished", life, lane, number, outcome, delay))
 
     def _attempt(self, message: Message, stop: threading.Event) -> tuple[str, float]:
+        if not (self.queue.processing / message.name).exists():
+            return DONE, 0.0  # finished by a previous life of this worker: never run twice
         try:
             agent_name = choose_agent(self.config.agents, message.data.get("agent"))
         except ValueError as exc:
