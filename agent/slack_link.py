@@ -105,14 +105,14 @@ def api_problem(exc: BaseException, secrets: tuple[str, ...], what: str) -> Slac
     from slack_sdk.errors import SlackApiError
 
     if isinstance(exc, SlackApiError):
-        error = _api_error_code(exc)
+        error = _api_error_code(exc, secrets)
         if error in AUTH_ERRORS:
             return SlackProblem(AUTH_FAILED, f"{what}: {error}")
         return SlackProblem(API_FAILURE, f"{what}: {error}")
     return SlackProblem(API_FAILURE, f"{what}: {type(exc).__name__}: {redact(str(exc), secrets)}")
 
 
-def _api_error_code(exc: Any) -> str:
+def _api_error_code(exc: Any, secrets: tuple[str, ...] = ()) -> str:
     response = getattr(exc, "response", None)
     try:
         error = response.get("error") if response is not None else None
@@ -120,7 +120,8 @@ def _api_error_code(exc: Any) -> str:
         error = None
     status = getattr(response, "status_code", None)
     if error:
-        return str(error)[:200]  # a non-JSON answer (a proxy's error page) becomes the error
+        # a non-JSON answer (a proxy's error page) becomes the error: it may echo a token
+        return redact(str(error), secrets)[:200]
     return f"http_{status}" if status else "unknown_error"
 
 
@@ -649,7 +650,7 @@ class ProfileLink:
                     channel=route["channel"], text=text, thread_ts=route["thread_ts"]
                 )
             except SlackApiError as exc:
-                error = _api_error_code(exc)
+                error = _api_error_code(exc, tuple(self.secrets))
                 status = getattr(exc.response, "status_code", None)
                 if status == 429 or error == "ratelimited":
                     delay = _retry_after(exc.response)

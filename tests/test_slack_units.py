@@ -114,3 +114,14 @@ def test_routes_round_trip(tmp_path):
     assert store.route("1.5")["channel"] == "C1"
     store.drop_route("1.5")
     assert store.route("1.5") is None
+
+
+def test_an_api_error_page_that_echoes_a_token_is_redacted():
+    from types import SimpleNamespace
+
+    from agent.slack_link import _api_error_code
+
+    page = "<html>Bad gateway. Authorization: Bearer xoxb-1234-5678-abcdefSECRET</html>"
+    exc = SimpleNamespace(response={"error": page})
+    error = _api_error_code(exc, ("xoxb-1234-5678-abcdefSECRET",))
+    assert "SECRET" not in error and "[redacted]" in error
