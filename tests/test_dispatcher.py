@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,38 @@ def test_sigkill_of_supervisor_mid_run_loses_nothing_and_leaves_no_run(agent_env
     assert record["process_groups"] == str(agent)
     assert wait_for(lambda: reply(agent_env, "k1"), what="k1 redone")["message"] == "survive"
     assert os.listdir(agent_env.state_dir / "runs") == []
+
+
+def _pids_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid_alive(pid)]
+
+
+def test_agent_runs_do_not_outlive_a_kill_9_of_the_supervisor(agent_env, tmp_path):
+    marker = f"agent-orphan-{os.getpid()}"
+    script = tmp_path / "agent.sh"  # the agent starts a helper in its group, then blocks
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(600)'"
+    script.write_text(f"#!/bin/sh\n{sleeper} helper-{marker} &\nexec {sleeper} agent-{marker}\n")
+    script.chmod(0o755)
+    agent_env.write_config(**{"agents.default": {"command": [str(script)], "timeout": 900}})
+    pid = agent_env.start()
+    queue = Queue(agent_env.state_dir / "queue")
+    queue.enqueue(new_message("local", "hi", sender="t", sender_id="t", message_id="m1"))
+    wait_for(lambda: len(_pids_with(marker)) == 2, what="the agent and its helper running")
+    (agent,) = _pids_with(f"agent-{marker}")
+    (helper,) = _pids_with(f"helper-{marker}")
+    os.kill(pid, signal.SIGKILL)
+    # the agent itself dies with the supervisor (pdeathsig); its helper may linger ...
+    wait_for(lambda: not pid_alive(agent), what="the agent to die with the supervisor")
+    agent_env.start()  # (which runs the recovered message again: at-least-once)
+    # ... until the next start kills what the run ledger says was left behind.
+    wait_for(lambda: agent_env.events("dispatcher.orphans_killed"), what="orphans_killed")
+    wait_for(lambda: not pid_alive(helper), what="the old helper to be killed")

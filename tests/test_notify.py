@@ -102,7 +102,7 @@ def test_watchdog_pid_of_another_process_is_not_ours(agent_env, tmp_path):
         proc.wait(10)
 
 
-def test_child_process_groups_die_with_the_supervisor(tmp_path):
+def test_kill_all_kills_whole_child_process_groups(tmp_path):
     from agent.children import ChildProcesses
 
     children = ChildProcesses()

@@ -1,6 +1,5 @@
 """The slack worker against a fake Slack on loopback, inside a real supervisor process."""
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -444,8 +443,6 @@ def test_dropped_websocket_reconnects_and_catches_up(slack_env, fake):
 
 def test_full_path_mention_to_threaded_reply(slack_env, fake):
     """Fake Slack -> slack worker -> queue -> dispatcher (cat) -> threaded chat.postMessage."""
-    if importlib.util.find_spec("agent.queue") is None:
-        pytest.skip("needs the issue-5 queue and dispatcher (agent/queue.py)")
     creds = write_tokens(slack_env)
     configure(slack_env, fake, ["cat"], main=profile(creds))
     slack_env.start()

@@ -28,7 +28,13 @@ AGENT_CODE = "import sys, time; print(sys.stdin.read() + '|' + str(time.time_ns(
 
 
 def _finished(queue: Queue) -> int:
-    return len(os.listdir(queue.outgoing)) + len(os.listdir(queue.failed))
+    """Messages with their final file: replies and failed entries, not reasons or temp files."""
+    return sum(
+        1
+        for directory in (queue.outgoing, queue.failed)
+        for name in os.listdir(directory)
+        if name.endswith(".json") and not name.startswith(".")
+    )
 
 
 def _stray_agents(marker: str) -> list[int]:
