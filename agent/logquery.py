@@ -42,6 +42,7 @@ class LogFilter(NamedTuple):
     event: str | None = None
     level: str | None = None  # minimum severity
     since: float | None = None  # epoch seconds
+    unit: str | None = None  # journald only: the systemd unit that logged them
 
     def matches(self, record: dict[str, Any]) -> bool:
         if self.worker and record.get("worker") != self.worker:
@@ -198,6 +199,8 @@ _KEY_OF_FIELD = {"QUEUE_MESSAGE_ID": "message_id"}
 
 def _journal_matches(flt: LogFilter) -> list[str]:
     matches = ["SYSLOG_IDENTIFIER=agent"]
+    if flt.unit:
+        matches.append(f"_SYSTEMD_UNIT={flt.unit}")
     if flt.worker:
         matches.append(f"WORKER={flt.worker}")
     if flt.event:
@@ -389,7 +392,10 @@ def show_logs(
 ) -> Iterator[str]:
     """Lines to print: the last `limit` matches, then (with follow) new ones as they come."""
     render = json_line if as_json else render_record
-    if runtime_sink(config) == "journald":
+    recorded = _recorded_run(config)
+    if runtime_sink(config, recorded) == "journald":
+        if recorded.get("manager") == "systemd":
+            flt = flt._replace(unit="agent.service")
         recent, later = journal_tail(flt, limit), (journal_follow(flt) if follow else ())
     else:
         recent, later = (
@@ -402,16 +408,22 @@ def show_logs(
         yield render(record)
 
 
-def runtime_sink(config: Config) -> str:
-    """The sink the last supervisor recorded; else the one a new supervisor would choose."""
+def _recorded_run(config: Config) -> dict[str, Any]:
+    """What the last supervisor recorded about itself (empty when nothing readable)."""
     from agent.state import UnreadableState, read_state
 
     try:
         saved = read_state(config.state_path)
     except (UnreadableState, PermissionError):
         saved = None
-    if saved and saved["supervisor"].get("log_sink") in ("journald", "file"):
-        return saved["supervisor"]["log_sink"]
+    return saved["supervisor"] if saved else {}
+
+
+def runtime_sink(config: Config, recorded: dict[str, Any] | None = None) -> str:
+    """The sink the last supervisor recorded; else the one a new supervisor would choose."""
+    recorded = _recorded_run(config) if recorded is None else recorded
+    if recorded.get("log_sink") in ("journald", "file"):
+        return recorded["log_sink"]
     from agent.log import choose_sink
 
     return choose_sink(config)
