@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.queue import Queue, new_message
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import pid_alive, pids_with_cmdline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -311,19 +311,6 @@ def test_sigkill_of_supervisor_mid_run_loses_nothing_and_leaves_no_run(agent_env
     assert os.listdir(agent_env.state_dir / "runs") == []
 
 
-def _pids_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid_alive(pid)]
-
-
 def test_agent_runs_do_not_outlive_a_kill_9_of_the_supervisor(agent_env, tmp_path):
     marker = f"agent-orphan-{os.getpid()}"
     script = tmp_path / "agent.sh"  # the agent starts a helper in its group, then blocks
@@ -334,9 +321,9 @@ def test_agent_runs_do_not_outlive_a_kill_9_of_the_supervisor(agent_env, tmp_pat
     pid = agent_env.start()
     queue = Queue(agent_env.state_dir / "queue")
     queue.enqueue(new_message("local", "hi", sender="t", sender_id="t", message_id="m1"))
-    wait_for(lambda: len(_pids_with(marker)) == 2, what="the agent and its helper running")
-    (agent,) = _pids_with(f"agent-{marker}")
-    (helper,) = _pids_with(f"helper-{marker}")
+    wait_for(lambda: len(pids_with_cmdline(marker)) == 2, what="the agent and its helper running")
+    (agent,) = pids_with_cmdline(f"agent-{marker}")
+    (helper,) = pids_with_cmdline(f"helper-{marker}")
     os.kill(pid, signal.SIGKILL)
     # the agent itself dies with the supervisor (pdeathsig); its helper may linger ...
     wait_for(lambda: not pid_alive(agent), what="the agent to die with the supervisor")

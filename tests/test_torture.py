@@ -10,12 +10,11 @@ import os
 import random
 import signal
 import sys
-from pathlib import Path
 
 import pytest
 
 from agent.queue import Queue, new_message
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import pid_alive, pids_with_cmdline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,19 +34,6 @@ def _finished(queue: Queue) -> int:
         for name in os.listdir(directory)
         if name.endswith(".json") and not name.startswith(".")
     )
-
-
-def _stray_agents(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid_alive(pid)]
 
 
 def test_torture_kill9_supervisor_loses_nothing_and_keeps_order(agent_env, tmp_path):
@@ -101,7 +87,7 @@ def test_torture_kill9_supervisor_loses_nothing_and_keeps_order(agent_env, tmp_p
     wait_for(lambda: _finished(queue) >= MESSAGES, timeout=120, what="all messages finished")
     done = agent_env.stop()
     assert done.returncode == 0, done.stderr
-    wait_for(lambda: not _stray_agents(marker), what="no agent process left")
+    wait_for(lambda: not pids_with_cmdline(marker), what="no agent process left")
 
     replies = {p.name: json.loads(p.read_text()) for p in queue.outgoing.glob("*.json")}
     failed = {p.name for p in queue.failed.glob("*.json")}
