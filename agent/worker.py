@@ -156,27 +156,14 @@ class WorkerRunner:
         age = self.heartbeat_age(now)
         with self._lock:
             if self.state == WorkerState.RUNNING and age > hang_timeout:
-                self._move(WorkerState.HUNG)
-                self.last_error = f"no heartbeat for {age:.1f}s"
-                event(
-                    "worker.hung",
-                    f"worker {self.name} has not heartbeaten for {age:.1f}s",
-                    worker=self.name,
-                    level=logging.ERROR,
-                    heartbeat_age_s=round(age, 1),
-                )
+                self._become_hung(f"no heartbeat for {age:.1f}s", heartbeat_age_s=round(age, 1))
             elif self.state == WorkerState.STARTING and now - self._state_since > hang_timeout:
                 waited = now - self._state_since
-                self._move(WorkerState.HUNG)
-                self._hung_in_initialize = True
-                self.last_error = f"initialize has not finished after {waited:.1f}s"
-                event(
-                    "worker.hung",
-                    f"worker {self.name}: {self.last_error}",
-                    worker=self.name,
-                    level=logging.ERROR,
+                self._become_hung(
+                    f"initialize has not finished after {waited:.1f}s",
                     starting_for_s=round(waited, 1),
                 )
+                self._hung_in_initialize = True
             elif (
                 self.state == WorkerState.HUNG
                 and not self._hung_in_initialize
@@ -189,6 +176,17 @@ class WorkerRunner:
                     worker=self.name,
                     level=logging.WARNING,
                 )
+
+    def _become_hung(self, reason: str, **fields: Any) -> None:
+        self._move(WorkerState.HUNG)
+        self.last_error = reason
+        event(
+            "worker.hung",
+            f"worker {self.name}: {reason}",
+            worker=self.name,
+            level=logging.ERROR,
+            **fields,
+        )
 
     def degraded(self) -> bool:
         """A running worker whose health() carries a truthy `degraded` reason."""
