@@ -38,10 +38,6 @@ class ChildProcesses:
                 _signal_group(pgid, sig)
         return groups
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._groups)
-
 
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -7,13 +7,13 @@ worker, message, pid. Callers only ever use `event(...)`.
 
 import logging
 import logging.handlers
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from agent.clock import iso_utc
 from agent.config import Config
+from agent.journalfields import journal_field_name
 
 LOGGER_NAME = "agent"
 SYSLOG_IDENTIFIER = "agent"
@@ -27,21 +27,6 @@ LEVEL_NAMES = {
     logging.ERROR: "error",
     logging.CRITICAL: "critical",
 }
-# journald reserves these names or systemd-python sets them itself.
-_RESERVED_JOURNAL_FIELDS = {
-    "MESSAGE",
-    "MESSAGE_ID",
-    "PRIORITY",
-    "SYSLOG_IDENTIFIER",
-    "CODE_FILE",
-    "CODE_LINE",
-    "CODE_FUNC",
-    "LOGGER",
-}
-
-# Our lower_snake_case field -> journal field, where plain upper-casing would collide.
-JOURNAL_RENAMES = {"message_id": "QUEUE_MESSAGE_ID"}
-
 _logger = logging.getLogger(LOGGER_NAME)
 
 
@@ -147,16 +132,6 @@ class JournaldHandler(logging.Handler):
             self._send(record.getMessage(), **fields)
         except Exception:
             self.handleError(record)
-
-
-def journal_field_name(key: str) -> str:
-    """message_id -> QUEUE_MESSAGE_ID style: upper-case, and never a reserved name."""
-    if key in JOURNAL_RENAMES:
-        return JOURNAL_RENAMES[key]
-    name = re.sub(r"[^A-Z0-9_]", "_", key.upper()).lstrip("_") or "FIELD"
-    if name[0].isdigit() or name in _RESERVED_JOURNAL_FIELDS:
-        name = f"AGENT_{name}"
-    return name
 
 
 def _syslog_priority(levelno: int) -> int:

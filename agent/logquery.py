@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from agent.clock import iso_utc, parse_iso
 from agent.config import Config
 from agent.errors import AgentError, PermissionDenied
+from agent.journalfields import key_of_field
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 PRIORITY_OF_LEVEL = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
@@ -192,10 +193,6 @@ def _inode(path: Path) -> int | None:
 # reader (systemd._reader) and converted here: importing systemd.journal and its per-field
 # converters costs more than the query itself. Following (-f) uses the full Reader.
 
-# journal field -> our key, where the key is not the lower-cased field (reverse of
-# agent.log.JOURNAL_RENAMES, which is not imported here: agent.log is slow to import)
-_KEY_OF_FIELD = {"QUEUE_MESSAGE_ID": "message_id"}
-
 
 def _journal_matches(flt: LogFilter) -> list[str]:
     matches = ["SYSLOG_IDENTIFIER=agent"]
@@ -309,7 +306,7 @@ def journal_record(entry: dict[str, Any]) -> dict[str, Any]:
         if key.startswith("_") or key in _JOURNAL_OWN or key in ("EVENT", "WORKER"):
             continue
         if key.isupper():
-            record[_KEY_OF_FIELD.get(key, key.lower())] = value
+            record[key_of_field(key)] = value
     return record
 
 

@@ -21,10 +21,6 @@ class Notifier:
         for name in NOTIFY_VARS:
             environ.pop(name, None)
 
-    @property
-    def enabled(self) -> bool:
-        return self._notifier is not None
-
     def send(self, *lines: str) -> None:
         if self._notifier is not None:
             self._notifier.notify("\n".join(lines))

@@ -374,7 +374,3 @@ class Supervisor:
         """A conventional pid file in RuntimeDirectory=, for tools; truth stays in the lock."""
         if self.config.runtime_dir is not None:
             (self.config.runtime_dir / "agent.pid").write_text(f"{os.getpid()}\n")
-
-
-def run_supervisor(config: Config, log_sink: str) -> int:
-    return Supervisor(config, log_sink).run()

@@ -170,3 +170,13 @@ def test_plain_logs_lines_skip_click_and_the_rest_go_to_it(args, expected):
     from agent.entry import _plain_logs_options
 
     assert _plain_logs_options(args) == expected
+
+
+def test_journal_field_names_round_trip():
+    from agent.journalfields import journal_field_name, key_of_field
+
+    assert journal_field_name("message_id") == "QUEUE_MESSAGE_ID"  # MESSAGE_ID is journald's
+    assert journal_field_name("priority") == "AGENT_PRIORITY"
+    assert journal_field_name("retry-after") == "RETRY_AFTER"
+    for key in ("message_id", "error", "heartbeat_age_s"):
+        assert key_of_field(journal_field_name(key)) == key
