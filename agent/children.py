@@ -38,6 +38,11 @@ class ChildProcesses:
                 _signal_group(pgid, sig)
         return groups
 
+    def __len__(self) -> int:
+        """How many child process groups are registered (none may be left after a stop)."""
+        with self._lock:
+            return len(self._groups)
+
 
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
