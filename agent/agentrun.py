@@ -2,18 +2,26 @@
 
 The child runs in its own process group (ChildProcesses.spawn); on timeout or a stop
 request the whole group is killed, so no helper it started survives it. Should the
-supervisor itself be killed outright, the child gets SIGKILL from the kernel
-(PR_SET_PDEATHSIG, set by util-linux `setpriv` just before it execs the command), and
-the run ledger lets the next start kill what is left of its group.
+supervisor itself be killed outright, the child gets SIGKILL from the kernel: between fork
+and exec it asks for PR_SET_PDEATHSIG with one prctl(2) call. Not util-linux `setpriv`:
+setpriv always calls capset(2), which the unit's `SystemCallFilter=~@privileged` refuses, so
+no agent could start under the shipped unit. The run ledger lets the next start kill what
+is left of the group.
+
+The death signal is tied to the thread that forked the child (the run's own thread), which
+lives exactly as long as the run.
 """
 
+import ctypes
+import functools
 import os
-import shutil
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent.children import ChildProcesses
 from agent.config import AgentConfig
@@ -21,7 +29,9 @@ from agent.runledger import RunLedger
 
 POLL_SECONDS = 0.25  # how often a running agent checks for a stop request
 REAP_SECONDS = 5.0
-SETPRIV = shutil.which("setpriv")  # util-linux, in every Debian; without it: no death signal
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl  # resolved now: the child between fork and exec only calls it
 
 
 @dataclass(frozen=True)
@@ -56,20 +66,23 @@ def run_agent(
     agent: AgentConfig,
     text: str,
     stop: threading.Event,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str],
+    cwd: Path,
     ledger: RunLedger | None = None,
 ) -> RunResult:
+    """Run the agent's command once. `env` is its whole environment (see agentenv)."""
     try:
         proc = children.spawn(
-            with_death_signal(agent.command),
+            list(agent.command),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=agent.workdir,
-            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            env=dict(env),
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
-    except OSError as exc:
-        return RunResult(False, error=f"cannot start {agent.command[0]}: {exc}")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return RunResult(False, error=f"cannot start {agent.command[0]}: {_os_reason(exc)}")
     try:
         if ledger is not None:
             ledger.record(proc.pid)
@@ -84,11 +97,21 @@ def run_agent(
             ledger.forget(proc.pid)
 
 
-def with_death_signal(command: tuple[str, ...]) -> list[str]:
-    """argv that dies with the thread that started it (the supervisor's)."""
-    if SETPRIV is None:
-        return list(command)
-    return [SETPRIV, "--pdeathsig", "KILL", "--", *command]
+def die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGKILL when the forking thread dies (no parent, no run).
+
+    If the supervisor died between fork and this call, the signal will never come: the
+    child has been re-parented already, so it ends itself.
+    """
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if exc.filename is None else f"{exc.strerror}: {exc.filename}"
+    return str(exc)
 
 
 def _communicate(
@@ -118,7 +141,7 @@ def _communicate(
     if stop.is_set():
         return RunResult(False, error="stopped", stopped=True)
     if proc.returncode != 0:
-        return RunResult(False, error=_exit_reason(proc.returncode, err))
+        return RunResult(False, error=_exit_reason(proc.returncode, err or out))
     return RunResult(True, reply=out.decode("utf-8", errors="replace").rstrip())
 
 
@@ -134,8 +157,10 @@ def _kill(children: ChildProcesses, proc: subprocess.Popen) -> None:
         proc.wait(timeout=REAP_SECONDS)
 
 
-def _exit_reason(code: int, stderr: bytes) -> str:
-    tail = stderr.decode("utf-8", errors="replace").strip().splitlines()
+def _exit_reason(code: int, output: bytes) -> str:
+    """`exit status N: <last line>` of stderr, or of stdout when stderr is empty (the
+    Claude Code CLI prints `API Error: ...` on stdout)."""
+    tail = output.decode("utf-8", errors="replace").strip().splitlines()
     what = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
     return f"{what}: {tail[-1][:300]}" if tail else what
 

@@ -59,7 +59,9 @@ class Section:
 
     def __init__(self, **values: Any):
         for name, setting in self.FIELDS.items():
-            default = dict(setting.default) if setting.kind == "tables" else setting.default
+            default = setting.default
+            if isinstance(default, dict):
+                default = dict(default)  # each section its own copy
             setattr(self, name, values.get(name, default))
 
     def __eq__(self, other: object) -> bool:
@@ -112,6 +114,7 @@ class AgentConfig(Section):
         "command": Setting((), "argv", "a non-empty array of strings (argv)", bool),
         "timeout": Setting(300.0, "float", SECONDS, _positive),
         "workdir": Setting(None, "optional_str", "a directory path string"),
+        "env": Setting({}, "env", "a table of environment variable names to string values"),
     }
 
 
@@ -293,7 +296,19 @@ _KIND_TESTS: dict[str, Callable[[Any], bool]] = {
     "str": lambda v: isinstance(v, str),
     "optional_str": lambda v: isinstance(v, str),
     "argv": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "env": lambda v: isinstance(v, dict) and all(_env_pair(k, x) for k, x in v.items()),
 }
+
+
+def _env_pair(name: Any, value: Any) -> bool:
+    """A variable the kernel can pass: a name without '=' or NUL, a string value without NUL."""
+    return (
+        isinstance(name, str)
+        and isinstance(value, str)
+        and bool(name)
+        and "=" not in name
+        and "\0" not in name + value
+    )
 
 
 def _checked(setting: Setting, value: Any, label: str) -> Any:
@@ -303,6 +318,8 @@ def _checked(setting: Setting, value: Any, label: str) -> Any:
         value = float(value)
     elif setting.kind == "argv":
         value = tuple(value)
+    elif setting.kind == "env":
+        value = dict(value)
     if setting.choices and value not in setting.choices:
         raise _wrong(setting, value, label)
     if setting.check and not setting.check(value):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import lock as locks
+from agent.agentenv import check_agent_commands
 from agent.clock import iso_utc
 from agent.config import SYSTEM_CONFIG, Config
 from agent.errors import AgentError, AlreadyRunning
@@ -74,6 +75,7 @@ def start_standalone(config: Config, timeout: float = START_TIMEOUT) -> int:
     held = locks.probe(config.lock_path)
     if held.held:
         raise AlreadyRunning(held.pid)
+    check_agent_commands(config)  # the supervisor checks too; this says it once, exit 78
     config.log_dir.mkdir(parents=True, exist_ok=True)
     with _notify_socket() as (sock, address):
         proc = _spawn_supervisor(config, address)

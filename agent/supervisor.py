@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from agent import errors
+from agent.agentenv import check_agent_commands
 from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import Config
@@ -35,6 +36,10 @@ from agent.workers import WORKER_NAMES, build_workers
 TICK_SECONDS = 0.5
 STATE_FLUSH_SECONDS = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals whose default action would end the supervisor silently: each is logged and
+# otherwise ignored (SIGHUP will mean reload once reload exists). SIGPIPE is ignored
+# outright, as Python already does: a closed pipe is an EPIPE error where it happens.
+NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 
 class Supervisor:
@@ -68,6 +73,7 @@ class Supervisor:
         """The whole life of a supervisor process; returns its exit code."""
         try:
             self.faults = parse_faults(self._fault_spec, WORKER_NAMES)
+            check_agent_commands(self.config)
             self.lock.acquire()
         except errors.AgentError as exc:
             self.notifier.failed(str(exc))
@@ -119,11 +125,7 @@ class Supervisor:
         while True:
             signum = self._next_signal(TICK_SECONDS)
             if signum is not None:
-                event(
-                    "supervisor.signal",
-                    f"received {signal.Signals(signum).name}",
-                    signal=signal.Signals(signum).name,
-                )
+                self._note_signal(signum, "stopping")
                 return self._shutdown()
             self._tick()
 
@@ -256,17 +258,38 @@ class Supervisor:
     # ---- signals
 
     def _install_signal_handlers(self) -> None:
-        for signum in STOP_SIGNALS:
+        for signum in (*STOP_SIGNALS, *NOTED_SIGNALS):
             signal.signal(signum, self._enqueue_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _note_signal(self, signum: int, action: str) -> None:
+        name = signal.Signals(signum).name
+        event(
+            "supervisor.signal",
+            f"received {name}: {action}",
+            level=logging.INFO if action == "stopping" else logging.WARNING,
+            signal=name,
+            action=action,
+        )
 
     def _enqueue_signal(self, signum: int, _frame: object) -> None:
         self.signals.put(signum)  # SimpleQueue.put is safe in a signal handler
 
     def _next_signal(self, timeout: float) -> int | None:
-        try:
-            return self.signals.get(timeout=timeout) if timeout > 0 else self.signals.get_nowait()
-        except queue.Empty:
-            return None
+        """The next stop signal within `timeout`; any other signal is noted and dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining > 0:
+                    signum = self.signals.get(timeout=remaining)
+                else:
+                    signum = self.signals.get_nowait()
+            except queue.Empty:
+                return None
+            if signum in STOP_SIGNALS:
+                return signum
+            self._note_signal(signum, "ignored")
 
     # ---- health, notify, state
 
@@ -292,9 +315,13 @@ class Supervisor:
         return not any(r.state in UNHEALTHY_STATES or r.degraded() for r in self.runners)
 
     def _status_line(self) -> str:
-        health = "healthy" if self.healthy() else "degraded"
+        """STATUS= text: `healthy: a=running b=running` or `degraded (why): ...`."""
         workers = " ".join(f"{r.name}={r.state}" for r in self.runners)
-        return f"{health}: {workers}"
+        if self.healthy():
+            return f"healthy: {workers}"
+        reasons = [f"{r.name}: {why}" for r in self.runners if (why := r.degraded())]
+        why = f" ({'; '.join(reasons)[:300]})" if reasons else ""
+        return f"degraded{why}: {workers}"
 
     def _update_status_line(self) -> None:
         line = self._status_line()

@@ -188,9 +188,11 @@ class WorkerRunner:
             **fields,
         )
 
-    def degraded(self) -> bool:
-        """A running worker whose health() carries a truthy `degraded` reason."""
-        return self.state == WorkerState.RUNNING and bool(self._health_detail().get("degraded"))
+    def degraded(self) -> str | None:
+        """The `degraded` reason a running worker's health() gives, or None."""
+        if self.state != WorkerState.RUNNING:
+            return None
+        return self._health_detail().get("degraded") or None
 
     def mark_shutdown_timeout(self) -> bool:
         """Record that this worker did not stop in time; False if it just managed to."""

@@ -14,7 +14,9 @@ import threading
 import time
 from typing import Any
 
-from agent.agentrun import choose_agent, run_agent
+from agent.agentenv import agent_environment, agent_workdir, prepare_home
+from agent.agenthealth import AgentsHealth
+from agent.agentrun import RunResult, choose_agent, run_agent
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.handoff import Handoff, handoff_for
@@ -53,11 +55,16 @@ class DispatcherWorker(Worker):
         self.retries = 0
         self.last_processed: float | None = None
         self.last_error: str | None = None
+        self.agents_health = AgentsHealth()
+        self.runs_started: dict[int, float] = {}  # receipt number -> monotonic start
+        self._health_lock = threading.Lock()
 
     # ---- worker contract
 
     def initialize(self, ctx: WorkerContext) -> None:
         self.queue.ensure_dirs()
+        for name in self.config.agents:
+            prepare_home(self.config, name)
         self.ctx = ctx
         self.life += 1
         if self.life == 1:
@@ -89,8 +96,14 @@ class DispatcherWorker(Worker):
             thread.join(max(deadline - time.monotonic(), 0))
 
     def health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._health_lock:
+            degraded = self.agents_health.degraded(now)
+            oldest = min(self.runs_started.values(), default=None)
         return {
+            "degraded": degraded,
             "in_flight": self.lanes.running,
+            "oldest_run_s": round(now - oldest, 1) if oldest is not None else None,
             "pending": self.lanes.pending + self.handoff.inbox.qsize(),
             "done": self.done,
             "failed": self.failed,
@@ -163,7 +176,7 @@ class DispatcherWorker(Worker):
             if self.unfinished.get(number) is not message:
                 outcome = DONE  # a previous life of this worker finished it meanwhile
             else:
-                outcome, delay = self._attempt(message, stop)
+                outcome, delay = self._attempt(message, stop, number)
         except FileNotFoundError as exc:  # somebody removed the claimed file
             self._note_error(f"{message.name}: {exc}")
             outcome = DONE
@@ -174,7 +187,56 @@ class DispatcherWorker(Worker):
             self.threads.discard(threading.current_thread())
         self.handoff.inbox.put(("finished", life, lane, number, outcome, delay))
 
-    def _attempt(self, message: Message, stop: threading.Event) -> tuple[str, float]:
+    def _run(
+        self, agent_name: str, message: Message, stop: threading.Event, number: int
+    ) -> RunResult:
+        """One run of the agent, with its own home and environment; its health recorded."""
+        assert self.ctx is not None
+        env = agent_environment(self.config, agent_name, _message_env(message))
+        with self._health_lock:
+            self.runs_started[number] = time.monotonic()
+        try:
+            result = run_agent(
+                self.ctx.children,
+                self.config.agents[agent_name],
+                message.data["message"],
+                stop,
+                env,
+                agent_workdir(self.config, agent_name),
+                self.ledger,
+            )
+        finally:
+            with self._health_lock:
+                self.runs_started.pop(number, None)
+        if not result.stopped:
+            self._record_health(agent_name, result)
+        return result
+
+    def _record_health(self, agent_name: str, result: RunResult) -> None:
+        now = time.monotonic()
+        with self._health_lock:
+            health = self.agents_health.by_agent.get(agent_name)
+            was = health.problem(now) if health else None
+            self.agents_health.record(agent_name, result.ok, result.error, now)
+            problem = self.agents_health.by_agent[agent_name].problem(now)
+        if problem and not was:
+            event(
+                "agent.failing",
+                f"agent {agent_name}: {problem}",
+                worker=self.name,
+                level=logging.ERROR,
+                agent=agent_name,
+                error=problem,
+            )
+        elif was and not problem:
+            event(
+                "agent.recovered",
+                f"agent {agent_name} answered again",
+                worker=self.name,
+                agent=agent_name,
+            )
+
+    def _attempt(self, message: Message, stop: threading.Event, number: int) -> tuple[str, float]:
         if not (self.queue.processing / message.name).exists():
             return DONE, 0.0  # finished by a previous life of this worker: never run twice
         try:
@@ -182,17 +244,8 @@ class DispatcherWorker(Worker):
         except ValueError as exc:
             self._fail(message, str(exc))
             return FAILED, 0.0
-        agent = self.config.agents[agent_name]
         started = time.monotonic()
-        assert self.ctx is not None
-        result = run_agent(
-            self.ctx.children,
-            agent,
-            message.data["message"],
-            stop,
-            _child_env(message),
-            self.ledger,
-        )
+        result = self._run(agent_name, message, stop, number)
         if result.stopped:
             return STOPPED, 0.0
         if result.ok:
@@ -272,7 +325,7 @@ class DispatcherWorker(Worker):
         event("dispatcher.error", text, worker=self.name, level=logging.ERROR, error=text)
 
 
-def _child_env(message: Message) -> dict[str, str]:
+def _message_env(message: Message) -> dict[str, str]:
     data = message.data
     return {
         "AGENT_CHANNEL": data["channel"],

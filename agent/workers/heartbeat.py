@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.agentenv import agent_workdir
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.log import event
@@ -82,12 +83,10 @@ class HeartbeatWorker(Worker):
         }
 
     def prompt_for(self, agent: str) -> str:
-        workdir = self.config.agents[agent].workdir
-        if workdir:
-            with contextlib.suppress(OSError, UnicodeDecodeError):
-                text = (Path(workdir) / PROMPT_FILE).read_text(encoding="utf-8").strip()
-                if text:
-                    return text
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = (agent_workdir(self.config, agent) / PROMPT_FILE).read_text("utf-8").strip()
+            if text:
+                return text
         return BUILTIN_PROMPT
 
     def _tick(self) -> None:
