@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from agent.config import AgentConfig, Config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, os_error
 
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -70,14 +70,28 @@ def agent_environment(
     return env
 
 
+def prepare_agents(config: Config) -> None:
+    """At start, before READY: every agent's home exists and its command and workdir work."""
+    for name in config.agents:
+        try:
+            prepare_home(config, name)
+        except OSError as exc:
+            raise os_error(exc) from None
+    check_agent_commands(config)
+    for name, agent in config.agents.items():
+        if agent.workdir and not Path(agent.workdir).is_dir():
+            raise ConfigError(
+                f"{config.display_path}: [agents.{name}] workdir: {agent.workdir} is not a "
+                "directory"
+            )
+
+
 def check_agent_commands(config: Config, base: Mapping[str, str] | None = None) -> None:
-    """Raise ConfigError for the first agent whose command or workdir cannot work."""
+    """Raise ConfigError for the first agent whose command cannot start."""
     for name, agent in config.agents.items():
         where = f"{config.display_path}: [agents.{name}]"
         path = agent_environment(config, name, {}, base)["PATH"]
         _check_command(agent, where, path)
-        if agent.workdir and not Path(agent.workdir).is_dir():
-            raise ConfigError(f"{where} workdir: {agent.workdir} is not a directory")
 
 
 def _check_command(agent: AgentConfig, where: str, path: str) -> None:

@@ -22,7 +22,7 @@ from agent import lock as locks
 from agent.agentenv import check_agent_commands
 from agent.clock import iso_utc
 from agent.config import SYSTEM_CONFIG, Config
-from agent.errors import AgentError, AlreadyRunning
+from agent.errors import EXIT_CONFIG, AgentError, AlreadyRunning, ConfigError
 from agent.state import Outcome, UnreadableState, read_state, write_state
 
 START_TIMEOUT = 60.0
@@ -82,7 +82,17 @@ def start_standalone(config: Config, timeout: float = START_TIMEOUT) -> int:
         status = _wait_for_ready(proc, sock, timeout)
     if status is None:
         return proc.pid
-    raise AgentError(_start_failure(config, proc, status))
+    failure = _start_failure(config, proc, status)
+    if _exit_code(proc) == EXIT_CONFIG:
+        raise ConfigError(failure)
+    raise AgentError(failure)
+
+
+def _exit_code(proc: subprocess.Popen) -> int | None:
+    try:
+        return proc.wait(KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 class _notify_socket:

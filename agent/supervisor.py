@@ -20,7 +20,7 @@ import traceback
 from typing import Any
 
 from agent import errors
-from agent.agentenv import check_agent_commands
+from agent.agentenv import prepare_agents
 from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import Config
@@ -73,10 +73,15 @@ class Supervisor:
         """The whole life of a supervisor process; returns its exit code."""
         try:
             self.faults = parse_faults(self._fault_spec, WORKER_NAMES)
-            check_agent_commands(self.config)
             self.lock.acquire()
         except errors.AgentError as exc:
             self.notifier.failed(str(exc))
+            raise
+        try:
+            prepare_agents(self.config)
+        except errors.AgentError as exc:
+            self.notifier.failed(str(exc))
+            self.lock.release()
             raise
         try:
             return self._run_locked()

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.guest import (
+    CLIS_IN_GUEST,
     Guest,
     GuestError,
     build_deb,
     cannot_boot_reason,
+    ensure_agent_clis,
     ensure_rootfs,
     sigterm_interrupts,
 )
@@ -48,7 +50,13 @@ def bare_guest() -> Guest:
         rootfs = ensure_rootfs()
     except GuestError as exc:
         skip_or_fail(f"cannot make the guest root file system (debootstrap): {exc}")
-    guest = Guest(rootfs=rootfs)
+    try:
+        clis = ensure_agent_clis()
+    except GuestError as exc:
+        skip_or_fail(f"cannot install the real agent CLIs from npm: {exc}")
+    # the CLIs, and the host's node (for the W+X memory measurement), read-only
+    binds = [(clis, CLIS_IN_GUEST), (Path("/usr/bin/node"), "/usr/local/bin/node")]
+    guest = Guest(rootfs=rootfs, binds=[b for b in binds if b[0].exists()])
     with sigterm_interrupts():  # a SIGTERM to pytest still tears the guest down
         try:
             guest.boot()

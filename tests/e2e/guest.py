@@ -12,6 +12,7 @@ Standard library only: it runs under the dev venv's python and under Debian's /u
   and check that nothing was left behind.
 
     python3 -m tests.e2e.guest rootfs    # build (or reuse) the cached rootfs
+    python3 -m tests.e2e.guest clis      # install (or reuse) the real agent CLIs from npm
     python3 -m tests.e2e.guest deb       # build the .deb from this checkout
     python3 -m tests.e2e.guest shell     # boot a guest with the .deb installed; keep it up
 """
@@ -46,6 +47,15 @@ GUEST_PACKAGES = (
 )
 SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage")
+# The real provider CLIs from npm (../shared/reference/real-agent-clis.md), pinned; cached
+# under CACHE_DIR and bound read-only into the guest at CLIS_IN_GUEST.
+AGENT_CLIS = ("@anthropic-ai/claude-code@2.1.197", "@openai/codex@0.169.0")
+CLIS_IN_GUEST = "/opt/agent-clis"
+CLAUDE_IN_GUEST = f"{CLIS_IN_GUEST}/node_modules/@anthropic-ai/claude-code/bin/claude.exe"
+CODEX_IN_GUEST = (
+    f"{CLIS_IN_GUEST}/node_modules/@openai/codex-linux-x64/vendor/"
+    "x86_64-unknown-linux-musl/bin/codex"
+)
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
 
@@ -143,6 +153,39 @@ def ensure_rootfs() -> Path:
         return root
 
 
+# ---- the real agent CLIs
+
+
+def ensure_agent_clis() -> Path:
+    """The pinned Claude Code and Codex CLIs, installed by npm once (~15 s) and cached."""
+    key = hashlib.sha256("\n".join(AGENT_CLIS).encode()).hexdigest()[:12]
+    prefix = CACHE_DIR / f"clis-{key}"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (prefix / ".complete").exists():
+            return prefix
+        npm = shutil.which("npm")
+        if npm is None:
+            raise GuestError("npm is not installed: the real agent CLIs come from the npm registry")
+        tmp = CACHE_DIR / f".clis-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"npm install {' '.join(AGENT_CLIS)} (once)")
+        done = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--prefix", str(tmp), *AGENT_CLIS],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise GuestError(f"npm install failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        (tmp / ".complete").touch()
+        shutil.rmtree(prefix, ignore_errors=True)
+        tmp.rename(prefix)
+        return prefix
+
+
 # ---- the package
 
 
@@ -228,9 +271,15 @@ def _remove_cgroup(path: Path) -> None:
 class Guest:
     """One booted systemd container. Use as a context manager, or boot() / teardown()."""
 
-    def __init__(self, name: str | None = None, rootfs: Path | None = None):
+    def __init__(
+        self,
+        name: str | None = None,
+        rootfs: Path | None = None,
+        binds: Sequence[tuple[Path, str]] = (),
+    ):
         self.name = name or f"agent-e2e-{os.getpid()}"
         self.rootfs = rootfs
+        self.binds = list(binds)  # (host path, guest path), bound read-only
         self.run_dir: Path | None = None
         self.merged: Path | None = None
         self.cgroups = [root / self.name for root in _cgroup_roots()]
@@ -266,7 +315,9 @@ class Guest:
         )
         nspawn = (
             f"exec systemd-nspawn --register=no --keep-unit --private-network -M {self.name} "
-            f"-D {self.merged} --console=read-only -b"
+            f"-D {self.merged} --console=read-only"
+            + "".join(f" --bind-ro={host}:{inside}" for host, inside in self.binds)
+            + " -b"
         )
         started = time.monotonic()
         with open(self.console_log, "wb") as console:
@@ -470,6 +521,8 @@ def main(argv: list[str]) -> int:
         return 1
     if what == "rootfs":
         print(ensure_rootfs())
+    elif what == "clis":
+        print(ensure_agent_clis())
     elif what == "deb":
         out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
         print(build_deb(out))
@@ -485,7 +538,7 @@ def main(argv: list[str]) -> int:
                     signal.pause()
         shutil.rmtree(out, ignore_errors=True)
     else:
-        print(f"unknown command {what!r}: expected rootfs, deb or shell", file=sys.stderr)
+        print(f"unknown command {what!r}: expected rootfs, clis, deb or shell", file=sys.stderr)
         return 2
     return 0
 

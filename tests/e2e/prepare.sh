@@ -28,8 +28,15 @@ else
     echo "prepare.sh: host packages already installed"
 fi
 
+# the real agent CLIs (Claude Code, Codex) come from the npm registry
+if ! command -v npm >/dev/null; then
+    echo "prepare.sh: apt-get install nodejs npm"
+    apt-get install -y -q --no-install-recommends nodejs npm >/dev/null
+fi
+
 if [ "${1:-}" != "--no-rootfs" ]; then
     # the guest rootfs: same code path as the test session uses (cached, keyed by its package list)
     cd "$HERE/../.."
     /usr/bin/python3 -m tests.e2e.guest rootfs
+    /usr/bin/python3 -m tests.e2e.guest clis
 fi

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 CONFIG = "/etc/agent/agent.toml"
 DROPIN = "/etc/systemd/system/agent.service.d/50-e2e.conf"
 ENABLED_WORKERS = ("queue", "dispatcher")  # what the packaged default config runs
+# where the Claude Code CLI keeps a session of the `default` agent (see test_main_job.py)
+SESSION_FILE = "/var/lib/agent/home/default/.claude/projects/-var-lib-agent-home-default/s.jsonl"
 
 
 # ---- helpers
@@ -327,10 +329,12 @@ def test_security_exposure_is_at_most_2(guest, capsys):
 def test_reinstall_restarts_and_keeps_state(guest):
     old = wait_active(guest)
     guest.run(["install", "-o", "agent", "-g", "agent", "/dev/null", "/var/lib/agent/e2e-mark"])
+    guest.run(["install", "-D", "-o", "agent", "-m", "600", "/dev/null", SESSION_FILE])
     guest.run(["dpkg", "-i", guest.install_path], timeout=180)
     new = wait_active(guest, other_than=old)
     assert new != old
     assert guest.path("/var/lib/agent/e2e-mark").exists()
+    assert guest.path(SESSION_FILE).exists()  # an agent CLI's session, in the agent's home
     report = json.loads(guest.run(["agentctl", "status", "--json"]).stdout)
     assert report["supervisor"]["previous_run"]["pid"] == old  # state.json survived
     assert guest.unit("UnitFileState")["UnitFileState"] == "enabled"
@@ -341,6 +345,7 @@ def test_remove_keeps_state_and_purge_removes_it(guest):
     assert guest.unit("LoadState")["LoadState"] == "not-found"
     assert agent_processes(guest) == []
     assert guest.path("/var/lib/agent/e2e-mark").exists()
+    assert guest.path(SESSION_FILE).exists()
     assert guest.path("/var/lib/agent/state.json").exists()
     assert guest.path(CONFIG).exists()  # a removed package keeps its conffiles
     assert not guest.path("/usr/bin/agentctl").exists()
