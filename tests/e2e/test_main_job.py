@@ -103,9 +103,11 @@ def run_processes(guest: Guest, needle: str) -> list[str]:
 
 @contextmanager
 def dropin(guest: Guest, text: str) -> Iterator[None]:
+    """The service restarted with a unit drop-in; without it (restarted again) after."""
     guest.write(DROPIN, "[Service]\n" + text)
     guest.run(["systemctl", "daemon-reload"])
     try:
+        restart_clean(guest)
         yield
     finally:
         guest.path(DROPIN).unlink()
@@ -247,7 +249,6 @@ def test_a_failing_agent_says_why_and_status_tells_until_it_answers_again(agents
 
 def test_the_watchdog_is_fed_while_a_run_lasts_longer_than_it(agents):
     with dropin(agents, "WatchdogSec=3\n"):
-        agents.run(["systemctl", "restart", "agent"])
         pid = main_pid(agents)
         restarts = agents.unit("NRestarts")["NRestarts"]
         code, out, err = send(agents, "slow", "outlasting the watchdog")  # sleeps 8 s
@@ -357,3 +358,40 @@ def test_which_agent_clis_need_write_execute_memory(agents, capsys):
         print(f"\nMemoryDenyWriteExecute=yes: claude works, codex works, node exit {code}: {first}")
     assert code != 0 and "21,42" not in out
     assert _run_as_agent(agents, *script, mdwe=False) == (0, "21,42\n")
+
+
+# ---- a workdir outside state_dir, and a command that cannot start
+
+
+def test_a_workdir_elsewhere_needs_the_documented_read_write_drop_in(agents):
+    agents.run(["install", "-d", "-o", "agent", "-g", "agent", "/srv/work"])
+    config = AGENTS + '\n[agents.builder]\ncommand = ["sh", "-c", "cat > made.txt && pwd"]\n'
+    config += 'workdir = "/srv/work"\n'
+    agents.write(CONFIG, config)
+    try:
+        restart_clean(agents)
+        code, _, err = send(agents, "builder", "x")
+        assert code == 1 and "Read-only file system" in err, err  # ProtectSystem=strict
+        with dropin(agents, "ReadWritePaths=/srv/work\n"):  # as docs/packaging.md says
+            assert send(agents, "builder", "built") == (0, "/srv/work", "")
+            assert agents.path("/srv/work/made.txt").read_text() == "built"
+    finally:
+        agents.write(CONFIG, AGENTS)
+        restart_clean(agents)
+
+
+def test_a_command_that_cannot_start_fails_the_start_before_ready_with_the_reason(agents):
+    agents.write(CONFIG, AGENTS + '\n[agents.typo]\ncommand = ["/usr/local/bin/claud", "-p"]\n')
+    try:
+        agents.run(["systemctl", "reset-failed", "agent"], check=False)
+        done = agents.run(["systemctl", "restart", "agent"], check=False)
+        assert done.returncode != 0  # Type=notify: READY=1 never came
+        props = agents.unit("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        assert (props["ActiveState"], props["ExecMainStatus"]) == ("failed", "78"), props
+        assert props["NRestarts"] == "0"  # RestartPreventExitStatus=78: no restart loop
+        said = agents.run(["journalctl", "-u", "agent", "-n", "20", "--no-pager"]).stdout
+        assert "[agents.typo] command: /usr/local/bin/claud is not an executable file" in said, said
+        assert "Traceback" not in said
+    finally:
+        agents.write(CONFIG, AGENTS)
+        restart_clean(agents)
