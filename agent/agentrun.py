@@ -15,20 +15,26 @@ lives exactly as long as the run.
 import ctypes
 import functools
 import os
+import selectors
 import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from agent.children import ChildProcesses
+from agent.children import ChildProcesses, kill_marked
 from agent.config import AgentConfig
 from agent.runledger import RunLedger
 
 POLL_SECONDS = 0.25  # how often a running agent checks for a stop request
-REAP_SECONDS = 5.0
+DRAIN_SECONDS = 0.5  # after the agent exits, how long its output may still arrive
+PIPE_CHUNK = 65536
+STDERR_TAIL = 65536
+RUN_MARKER = "AGENT_RUN_ID"  # the end of stderr is kept for the failure reason, no more
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl  # resolved now: the child between fork and exec only calls it
@@ -70,7 +76,9 @@ def run_agent(
     cwd: Path,
     ledger: RunLedger | None = None,
 ) -> RunResult:
-    """Run the agent's command once. `env` is its whole environment (see agentenv)."""
+    """Run the agent's command once. `env` is its whole environment (see agentenv), plus
+    RUN_MARKER, by which helpers that left the run's process group are found."""
+    marker = uuid.uuid4().hex
     try:
         proc = children.spawn(
             list(agent.command),
@@ -78,7 +86,7 @@ def run_agent(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
-            env=dict(env),
+            env={**env, RUN_MARKER: marker},
             preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
     except (OSError, subprocess.SubprocessError) as exc:
@@ -92,6 +100,7 @@ def run_agent(
         proc.wait()
         raise
     finally:
+        kill_marked(RUN_MARKER, marker)
         children.forget(proc)
         if ledger is not None:
             ledger.forget(proc.pid)
@@ -114,6 +123,71 @@ def _os_reason(exc: BaseException) -> str:
     return str(exc)
 
 
+class _Pipes:
+    """The run's three pipes, pumped without blocking: stdin fed, stdout kept up to the
+    agent's max_output_bytes, only the last STDERR_TAIL bytes of stderr kept."""
+
+    def __init__(self, proc: subprocess.Popen, data: bytes, max_output: int):
+        self.max_output = max_output
+        self.out = bytearray()
+        self.err = bytearray()
+        self.overflow = False
+        self.pending = memoryview(data)
+        self.selector = selectors.DefaultSelector()
+        streams = [(proc.stdout, selectors.EVENT_READ), (proc.stderr, selectors.EVENT_READ)]
+        streams.append((proc.stdin, selectors.EVENT_WRITE))
+        for stream, mask in streams:
+            assert stream is not None
+            os.set_blocking(stream.fileno(), False)
+            self.selector.register(stream, mask)
+        self.stdout, self.stdin = proc.stdout, proc.stdin
+
+    @property
+    def reading(self) -> bool:
+        return any(k.events & selectors.EVENT_READ for k in self.selector.get_map().values())
+
+    def pump(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj is self.stdin:
+                self._feed()
+            else:
+                self._read(key.fileobj)
+
+    def _feed(self) -> None:
+        try:
+            written = os.write(self.stdin.fileno(), self.pending[:PIPE_CHUNK])  # type: ignore[union-attr]
+        except BrokenPipeError:  # the agent does not read (all of) its input
+            written = len(self.pending)
+        self.pending = self.pending[written:]
+        if not self.pending:
+            self._close(self.stdin)
+
+    def _read(self, stream: Any) -> None:
+        try:
+            chunk = os.read(stream.fileno(), PIPE_CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._close(stream)
+        elif stream is self.stdout:
+            self.out += chunk
+            if len(self.out) > self.max_output:
+                self.overflow = True
+                del self.out[self.max_output :]
+        else:
+            self.err += chunk
+            del self.err[:-STDERR_TAIL]
+
+    def _close(self, stream: Any) -> None:
+        self.selector.unregister(stream)
+        stream.close()
+
+    def close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            self._close(key.fileobj)
+        self.selector.close()
+
+
 def _communicate(
     children: ChildProcesses,
     proc: subprocess.Popen,
@@ -121,40 +195,40 @@ def _communicate(
     data: bytes,
     stop: threading.Event,
 ) -> RunResult:
+    """Pump the pipes until the agent process exits (and its output is drained), a stop,
+    the time limit or too much output; then nothing the run started may live on."""
+    pipes = _Pipes(proc, data, agent.max_output_bytes)
     deadline = _now() + agent.timeout
-    feed: bytes | None = data
-    while True:
-        if stop.is_set():
-            _kill(children, proc)
-            return RunResult(False, error="stopped", stopped=True)
-        remaining = deadline - _now()
-        if remaining <= 0:
-            _kill(children, proc)
-            return RunResult(False, error=f"timed out after {agent.timeout:g}s")
-        try:
-            out, err = proc.communicate(feed, timeout=min(POLL_SECONDS, remaining))
-            break
-        except subprocess.TimeoutExpired:
-            feed = None  # communicate keeps what it has not written yet
-        except BrokenPipeError:  # the agent exited without reading all its input
-            feed = None
-    if stop.is_set():
-        return RunResult(False, error="stopped", stopped=True)
-    if proc.returncode != 0:
-        return RunResult(False, error=_exit_reason(proc.returncode, err or out))
-    return RunResult(True, reply=out.decode("utf-8", errors="replace").rstrip())
-
-
-def _kill(children: ChildProcesses, proc: subprocess.Popen) -> None:
-    children.kill_group(proc)
+    exited_at: float | None = None
+    result: RunResult | None = None
     try:
-        proc.communicate(timeout=REAP_SECONDS)
-    except (subprocess.TimeoutExpired, ValueError, OSError):
-        # something outside the group holds the pipes; reap the child and move on
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-        proc.wait(timeout=REAP_SECONDS)
+        while result is None:
+            now = _now()
+            if stop.is_set():
+                result = RunResult(False, error="stopped", stopped=True)
+            elif pipes.overflow:
+                result = RunResult(
+                    False, error=f"output exceeded max_output_bytes ({agent.max_output_bytes})"
+                )
+            elif now >= deadline:
+                result = RunResult(False, error=f"timed out after {agent.timeout:g}s")
+            elif exited_at is not None and (not pipes.reading or now - exited_at > DRAIN_SECONDS):
+                result = _outcome(proc.returncode, pipes)  # a helper may still hold stdout
+            else:
+                pipes.pump(min(POLL_SECONDS, deadline - now))
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = _now()
+    finally:
+        pipes.close()
+        children.kill_group(proc)  # helpers left in the run's group die with it
+        proc.wait()
+    return result
+
+
+def _outcome(code: int, pipes: _Pipes) -> RunResult:
+    if code != 0:
+        return RunResult(False, error=_exit_reason(code, bytes(pipes.err or pipes.out)))
+    return RunResult(True, reply=pipes.out.decode("utf-8", errors="replace").rstrip())
 
 
 def _exit_reason(code: int, output: bytes) -> str:

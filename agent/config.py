@@ -115,6 +115,12 @@ class AgentConfig(Section):
         "timeout": Setting(300.0, "float", SECONDS, _positive),
         "workdir": Setting(None, "optional_str", "a directory path string"),
         "env": Setting({}, "env", "a table of environment variable names to string values"),
+        "max_output_bytes": Setting(
+            4 * 1024 * 1024,
+            "int",
+            "a whole number of bytes from 1024 to 1073741824",
+            lambda v: 1024 <= v <= 1 << 30,
+        ),
     }
 
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from agent.agenthealth import FAILURE_STREAK, STALL_SECONDS, AgentRunHealth, AgentsHealth
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import pid_alive, pids_with_cmdline, wait_for
 from tests.test_dispatcher import FAST_RETRY, enqueue, failed_reason, reply, script
 
 pytestmark = pytest.mark.integration
@@ -178,3 +178,59 @@ def test_hup_usr1_usr2_alrm_pipe_are_logged_and_never_kill_the_supervisor(agent_
     code, report = agent_env.status()
     assert code == 0 and report["supervisor"]["pid"] == pid
     assert all(r["action"] == "ignored" for r in agent_env.events("supervisor.signal"))
+
+
+# ---- runaway agents
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_agent_printing_without_end_is_killed_at_max_output_bytes(agent_env):
+    agent_env.write_config(
+        **{
+            "agents.default": {"command": ["yes", "runaway-6004"], "max_output_bytes": 1 << 20},
+            "dispatcher": {"max_attempts": 1},
+        }
+    )
+    pid = agent_env.start()
+    before = _vm_hwm_kib(pid)
+    enqueue(agent_env, "x", "y1")
+    wait_for(lambda: agent_env.events("message.failed"), what="the runaway run failed")
+    reason = failed_reason(agent_env, "local_y1.json")
+    assert reason.endswith("output exceeded max_output_bytes (1048576)"), reason
+    assert _vm_hwm_kib(pid) - before < 16 * 1024, "the supervisor's peak RSS grew by > 16 MB"
+    assert not pids_with_cmdline("runaway-6004")
+
+
+def test_a_run_ends_when_the_agent_exits_though_a_helper_holds_its_stdout(agent_env, tmp_path):
+    command = script(tmp_path, "agent.sh", "cat >/dev/null; sleep 6001 & echo done\n")
+    agent_env.write_config(**{"agents.default": {"command": command, "timeout": 120}})
+    agent_env.start()
+    enqueue(agent_env, "x", "g1")
+    assert wait_for(lambda: reply(agent_env, "g1"), timeout=20, what="g1")["message"] == "done"
+    [done] = agent_env.events("message.done")
+    assert done["duration_ms"] < 20_000  # not the 120 s time limit
+    assert not pids_with_cmdline("sleep 6001"), "the helper outlived its run"
+
+
+def test_helpers_that_left_the_process_group_die_with_the_run(agent_env, tmp_path):
+    body = (
+        "cat >/dev/null\n"
+        "setsid sleep 6002 </dev/null >/dev/null 2>&1 &\n"  # its own session, no pipes
+        "setsid sh -c 'exec sleep 6003' &\n"  # its own session, holding stdout
+        "echo started\n"
+    )
+    command = script(tmp_path, "agent.sh", body)
+    agent_env.write_config(**{"agents.default": {"command": command}})
+    agent_env.start()
+    enqueue(agent_env, "x", "d1")
+    assert wait_for(lambda: reply(agent_env, "d1"), what="d1")["message"] == "started"
+    wait_for(
+        lambda: not pids_with_cmdline("sleep 6002") and not pids_with_cmdline("sleep 6003"),
+        what="the setsid helpers gone with their run",
+    )

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from agent.agentenv import agent_environment, agent_workdir
+from agent.agentenv import agent_environment, agent_workdir, prepare_home
 from agent.agenthealth import AgentsHealth
 from agent.agentrun import RunResult, choose_agent, run_agent
 from agent.clock import iso_utc
@@ -63,6 +63,8 @@ class DispatcherWorker(Worker):
 
     def initialize(self, ctx: WorkerContext) -> None:
         self.queue.ensure_dirs()
+        for name in self.config.agents:  # (the supervisor made them before READY already)
+            prepare_home(self.config, name)
         self.ctx = ctx
         self.life += 1
         if self.life == 1:
