@@ -64,6 +64,7 @@ class Supervisor:
         self.runners: list[WorkerRunner] = []
         self.disabled: list[DisabledWorker] = []
         self._last_flush = 0.0
+        self.state_error: str | None = None  # the state file cannot be written (disk)
         self._last_watchdog = 0.0
         self._last_status = ""
 
@@ -317,6 +318,8 @@ class Supervisor:
             self._last_watchdog = now
 
     def healthy(self) -> bool:
+        if self.state_error is not None:
+            return False
         return not any(r.state in UNHEALTHY_STATES or r.degraded() for r in self.runners)
 
     def _status_line(self) -> str:
@@ -325,6 +328,8 @@ class Supervisor:
         if self.healthy():
             return f"healthy: {workers}"
         reasons = [f"{r.name}: {why}" for r in self.runners if (why := r.degraded())]
+        if self.state_error is not None:
+            reasons.insert(0, self.state_error)
         why = f" ({'; '.join(reasons)[:300]})" if reasons else ""
         return f"degraded{why}: {workers}"
 
@@ -336,11 +341,28 @@ class Supervisor:
             self._flush_state(force=True)
 
     def _flush_state(self, force: bool = False) -> None:
+        """Write the state file; a full or failing disk makes us degraded, never dead."""
         now = time.monotonic()
         if not force and now - self._last_flush < STATE_FLUSH_SECONDS:
             return
         self._last_flush = now
-        write_state(self.config.state_path, self.snapshot())
+        try:
+            write_state(self.config.state_path, self.snapshot())
+        except OSError as exc:
+            self._state_write_failed(exc)
+            return
+        if self.state_error is not None:
+            event(
+                "supervisor.state.recovered",
+                f"the state file is written again ({self.config.state_path})",
+            )
+            self.state_error = None
+
+    def _state_write_failed(self, exc: OSError) -> None:
+        error = f"cannot write {self.config.state_path}: {exc.strerror or exc}"
+        if error != self.state_error:  # once per distinct error, not once a second
+            event("supervisor.state.error", error, level=logging.ERROR, error=error)
+        self.state_error = error
 
     def snapshot(self) -> dict[str, Any]:
         workers = [r.snapshot() for r in self.runners] + [d.snapshot() for d in self.disabled]
