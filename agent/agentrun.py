@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.adapters import Answer, RunOutput, adapter_for
 from agent.children import ChildProcesses, kill_marked
 from agent.config import AgentConfig
 from agent.runledger import RunLedger
@@ -46,6 +47,14 @@ class RunResult:
     reply: str = ""
     error: str | None = None
     stopped: bool = False  # cut short by a stop request: not the message's fault
+    session_id: str | None = None  # the agent CLI's session, to resume the conversation
+    resume_rejected: bool = False  # the CLI did not know the session it was asked to resume
+
+    @classmethod
+    def from_answer(cls, answer: Answer) -> "RunResult":
+        return cls(
+            answer.ok, answer.reply, answer.error, False, answer.session_id, answer.resume_rejected
+        )
 
 
 def choose_agent(agents: Mapping[str, AgentConfig], requested: str | None) -> str:
@@ -75,13 +84,16 @@ def run_agent(
     env: Mapping[str, str],
     cwd: Path,
     ledger: RunLedger | None = None,
+    session_id: str | None = None,
 ) -> RunResult:
-    """Run the agent's command once. `env` is its whole environment (see agentenv), plus
-    RUN_MARKER, by which helpers that left the run's process group are found."""
+    """Run the agent's command once, through the adapter of its kind (resuming session_id
+    when given). `env` is its whole environment (see agentenv), plus RUN_MARKER, by which
+    helpers that left the run's process group are found."""
+    adapter = adapter_for(agent.kind)
     marker = uuid.uuid4().hex
     try:
         proc = children.spawn(
-            list(agent.command),
+            adapter.argv(agent.command, session_id),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -94,7 +106,10 @@ def run_agent(
     try:
         if ledger is not None:
             ledger.record(proc.pid)
-        return _communicate(children, proc, agent, text.encode(), stop)
+        result = _communicate(children, proc, agent, text.encode(), stop)
+        if isinstance(result, RunOutput):
+            return RunResult.from_answer(adapter.answer(result, resumed=session_id is not None))
+        return result
     except BaseException:
         children.kill_group(proc)  # e.g. the ledger could not be written: no orphan run
         proc.wait()
@@ -194,13 +209,13 @@ def _communicate(
     agent: AgentConfig,
     data: bytes,
     stop: threading.Event,
-) -> RunResult:
+) -> RunResult | RunOutput:
     """Pump the pipes until the agent process exits (and its output is drained), a stop,
     the time limit or too much output; then nothing the run started may live on."""
     pipes = _Pipes(proc, data, agent.max_output_bytes)
     deadline = _now() + agent.timeout
     exited_at: float | None = None
-    result: RunResult | None = None
+    result: RunResult | RunOutput | None = None
     try:
         while result is None:
             now = _now()
@@ -213,7 +228,8 @@ def _communicate(
             elif now >= deadline:
                 result = RunResult(False, error=f"timed out after {agent.timeout:g}s")
             elif exited_at is not None and (not pipes.reading or now - exited_at > DRAIN_SECONDS):
-                result = _outcome(proc.returncode, pipes)  # a helper may still hold stdout
+                # (a helper may still hold stdout: the agent's exit is what counts)
+                result = RunOutput(proc.returncode, bytes(pipes.out), bytes(pipes.err))
             else:
                 pipes.pump(min(POLL_SECONDS, deadline - now))
                 if exited_at is None and proc.poll() is not None:
@@ -223,20 +239,6 @@ def _communicate(
         children.kill_group(proc)  # helpers left in the run's group die with it
         proc.wait()
     return result
-
-
-def _outcome(code: int, pipes: _Pipes) -> RunResult:
-    if code != 0:
-        return RunResult(False, error=_exit_reason(code, bytes(pipes.err or pipes.out)))
-    return RunResult(True, reply=pipes.out.decode("utf-8", errors="replace").rstrip())
-
-
-def _exit_reason(code: int, output: bytes) -> str:
-    """`exit status N: <last line>` of stderr, or of stdout when stderr is empty (the
-    Claude Code CLI prints `API Error: ...` on stdout)."""
-    tail = output.decode("utf-8", errors="replace").strip().splitlines()
-    what = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-    return f"{what}: {tail[-1][:300]}" if tail else what
 
 
 def _now() -> float:

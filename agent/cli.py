@@ -193,3 +193,26 @@ def send(
         return
     reply = wait_for_reply(config, sent.message_id, timeout)
     click.echo(reply.get("message", ""))
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per session.")
+@click.pass_context
+def sessions(ctx: click.Context, as_json: bool) -> None:
+    """Agent sessions that continue conversations (claude and codex agents)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from agent.sessionsview import print_sessions
+
+    print_sessions(_config(ctx), as_json)
+
+
+@sessions.command("reset")
+@click.option("--agent", "agent_name", metavar="NAME", help="Only this agent's session.")
+@click.argument("conversation")
+@click.pass_context
+def sessions_reset(ctx: click.Context, agent_name: str | None, conversation: str) -> None:
+    """Forget a conversation's session: its next message starts a new one."""
+    from agent.sessionsview import reset_session
+
+    reset_session(_config(ctx), conversation, agent_name)

@@ -112,6 +112,15 @@ class AgentConfig(Section):
 
     FIELDS = {
         "command": Setting((), "argv", "a non-empty array of strings (argv)", bool),
+        "kind": Setting(
+            "plain", "str", "one of plain, claude, codex", choices=("plain", "claude", "codex")
+        ),
+        "session_idle_reset": Setting(
+            0.0,
+            "float",
+            "a number of seconds >= 0 (0: a conversation's session never expires)",
+            lambda v: v >= 0,
+        ),
         "timeout": Setting(300.0, "float", SECONDS, _positive),
         "workdir": Setting(None, "optional_str", "a directory path string"),
         "env": Setting({}, "env", "a table of environment variable names to string values"),

@@ -122,7 +122,7 @@ class Supervisor:
             faults=",".join(f"{w}:{k}" for w, k in self.faults.items()) or None,
         )
         self._build_runners()
-        self._flush_state(force=True)
+        write_state(self.config.state_path, self.snapshot())  # at start, failing here is fatal
         for runner in self.runners:
             runner.start()
         if not self._wait_for_first_initialize():

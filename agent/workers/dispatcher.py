@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from agent.adapters import adapter_for
 from agent.agentenv import agent_environment, agent_workdir, prepare_home
 from agent.agenthealth import AgentsHealth
 from agent.agentrun import RunResult, choose_agent, run_agent
@@ -24,6 +25,7 @@ from agent.lanes import Lanes
 from agent.log import event
 from agent.queue import Message, Queue, make_reply
 from agent.runledger import RunLedger
+from agent.sessions import SessionStore
 from agent.worker import Worker, WorkerContext
 
 IDLE_WAIT = 0.5
@@ -41,6 +43,7 @@ class DispatcherWorker(Worker):
         self.queue = Queue(config.queue_dir)
         self.handoff = handoff or handoff_for(config.queue_dir)
         self.ledger = RunLedger(config.state_dir / "runs")
+        self.sessions = SessionStore(config.state_dir)
         # received but not finished, by receipt number; survives a restart of this
         # worker (order kept). Not by file name: a name is free again once its file is done.
         self.unfinished: dict[int, Message] = {}
@@ -190,6 +193,53 @@ class DispatcherWorker(Worker):
     def _run(
         self, agent_name: str, message: Message, stop: threading.Event, number: int
     ) -> RunResult:
+        """One message's run, continuing its conversation's agent session when there is one;
+        a resume the agent CLI rejects is retried once as a fresh session."""
+        conversation = message.data.get("conversationId") or None
+        session_id = self._session_to_resume(agent_name, conversation)
+        result = self._run_once(agent_name, message, stop, number, session_id)
+        if result.resume_rejected and conversation:
+            self.sessions.forget(conversation, agent_name)
+            self._session_reset(agent_name, conversation, f"rejected: {result.error}")
+            result = self._run_once(agent_name, message, stop, number, None)
+        if result.ok and result.session_id and conversation and self._keeps_sessions(agent_name):
+            self.sessions.put(agent_name, conversation, result.session_id)
+        return result
+
+    def _keeps_sessions(self, agent_name: str) -> bool:
+        return adapter_for(self.config.agents[agent_name].kind).keeps_sessions
+
+    def _session_to_resume(self, agent_name: str, conversation: str | None) -> str | None:
+        if conversation is None or not self._keeps_sessions(agent_name):
+            return None  # messages without a conversation never resume
+        session = self.sessions.get(agent_name, conversation)
+        if session is None:
+            return None
+        idle_reset = self.config.agents[agent_name].session_idle_reset
+        if idle_reset and time.time() - session.last_used > idle_reset:
+            self.sessions.forget(conversation, agent_name)
+            self._session_reset(agent_name, conversation, f"idle for more than {idle_reset:g}s")
+            return None
+        return session.session_id
+
+    def _session_reset(self, agent_name: str, conversation: str, why: str) -> None:
+        event(
+            "session.reset",
+            f"agent {agent_name}: conversation {conversation} starts a new session ({why})",
+            worker=self.name,
+            agent=agent_name,
+            conversation=conversation,
+            reason=why,
+        )
+
+    def _run_once(
+        self,
+        agent_name: str,
+        message: Message,
+        stop: threading.Event,
+        number: int,
+        session_id: str | None,
+    ) -> RunResult:
         """One run of the agent, with its own home and environment; its health recorded."""
         assert self.ctx is not None
         env = agent_environment(self.config, agent_name, _message_env(message))
@@ -204,11 +254,12 @@ class DispatcherWorker(Worker):
                 env,
                 agent_workdir(self.config, agent_name),
                 self.ledger,
+                session_id,
             )
         finally:
             with self._health_lock:
                 self.runs_started.pop(number, None)
-        if not result.stopped:
+        if not result.stopped and not result.resume_rejected:
             self._record_health(agent_name, result)
         return result
 

@@ -39,14 +39,12 @@ command = ["{CLAUDE_IN_GUEST}", "-p"]
 timeout = 60
 [agents.default.env]
 {MODEL_ENV}
-# The same Claude home and directory as `default`, continuing its latest conversation:
-# proof that the CLI's sessions in the agent's home outlive a restart.
-[agents.resume]
-command = ["{CLAUDE_IN_GUEST}", "-p", "--continue"]
-workdir = "{HOMES}/default"
+# the same CLI through its adapter: JSON output, a session per conversation (--resume)
+[agents.claude]
+kind = "claude"
+command = ["{CLAUDE_IN_GUEST}", "-p"]
 timeout = 60
-[agents.resume.env]
-HOME = "{HOMES}/default"
+[agents.claude.env]
 {MODEL_ENV}
 [agents.cat]
 command = ["cat"]
@@ -66,9 +64,12 @@ timeout = 120
 # ---- helpers
 
 
-def send(guest: Guest, agent: str, text: str, timeout: float = 90) -> tuple[int, str, str]:
+def send(
+    guest: Guest, agent: str, text: str, timeout: float = 90, conversation: str | None = None
+) -> tuple[int, str, str]:
+    also = ["--conversation", conversation] if conversation else []
     done = guest.run(
-        ["agentctl", "send", "--wait", "--timeout", str(timeout), "--agent", agent, text],
+        ["agentctl", "send", "--wait", "--timeout", str(timeout), "--agent", agent, *also, text],
         check=False,
         timeout=timeout + 30,
     )
@@ -209,15 +210,22 @@ def test_the_agent_gets_a_clean_environment_under_the_unit(agents):
     assert not leaked, f"the supervisor's variables reached the agent: {leaked}"
 
 
-def test_a_conversation_resumes_across_a_restart(agents):
+def test_a_conversation_resumes_its_claude_session_across_a_restart(agents):
+    code, out, err = send(agents, "claude", "first turn", conversation="thread-9")
+    assert code == 0 and out.endswith("to 'first turn' (2 messages)"), err
+    listed = agents.run(["agentctl", "sessions", "--json"]).stdout.splitlines()
+    [session] = [json.loads(line) for line in listed]
+    assert (session["agent"], session["conversation"]) == ("claude", "thread-9")
     old = main_pid(agents)
     agents.run(["systemctl", "restart", "agent"])
     assert wait_active(agents, other_than=old) != old
-    code, out, err = send(agents, "resume", "and the second turn")
+    code, out, err = send(agents, "claude", "and the second turn", conversation="thread-9")
     assert code == 0, err
     # the resumed turn carried the first exchange along: 4 messages, not 2
     assert out.endswith("to 'and the second turn' (4 messages)"), out
-    assert model_requests(agents)[-1]["messages"] == 4
+    assert model_requests(agents)[-1] == {"messages": 4, "prompt": "and the second turn"}
+    code, out, _ = send(agents, "claude", "another thread", conversation="thread-10")
+    assert out.endswith("(2 messages)")  # a new conversation, a new session
 
 
 def test_a_failing_agent_says_why_and_status_tells_until_it_answers_again(agents):
