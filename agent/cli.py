@@ -20,6 +20,11 @@ class AgentGroup(click.Group):
         except AgentError as exc:
             click.echo(f"agentctl: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # the reader closed the pipe (`| head`): not an error
+            from agent.output import reader_gone
+
+            reader_gone()
+            ctx.exit(0)
         except OSError as exc:  # the machine said no (permissions, a full disk): say what
             error = os_error(exc)
             click.echo(f"agentctl: {error}", err=True)

@@ -22,7 +22,7 @@ from agent import lock as locks
 from agent.clock import iso_utc
 from agent.config import SYSTEM_CONFIG, Config
 from agent.errors import AgentError, AlreadyRunning
-from agent.state import Outcome, UnreadableState, read_state, write_state
+from agent.state import UnreadableState, read_state, record_killed
 
 START_TIMEOUT = 60.0
 STOP_MARGIN = 5.0  # beyond stop_timeout before `stop` escalates to SIGKILL
@@ -175,7 +175,7 @@ def _saved_last_error(config: Config) -> str | None:
         saved = read_state(config.state_path)
     except UnreadableState:
         return None
-    return saved["supervisor"].get("last_error") if saved else None
+    return saved.supervisor.last_error if saved else None
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -250,20 +250,17 @@ def _record_killed(config: Config, reason: str) -> None:
         from agent.runledger import RunLedger
 
         RunLedger(config.state_dir / "runs").kill_leftovers()  # its agent runs die with it
-        saved = read_state(config.state_path)
-        if saved and saved["supervisor"].get("phase") != "stopped":
-            saved["supervisor"].update(
-                phase="stopped", outcome=Outcome.KILLED, last_error=reason, stopped_at=iso_utc()
-            )
-            write_state(config.state_path, saved)
-    except UnreadableState:
-        pass
+        record_killed(config.state_path, reason, iso_utc())
     finally:
         lock.release()
 
 
 def _stop_warning(config: Config) -> str | None:
-    error = _saved_last_error(config)
+    try:
+        saved = read_state(config.state_path)
+    except UnreadableState as exc:
+        return f"{exc}; ignoring it"
+    error = saved.supervisor.last_error if saved else None
     return f"the supervisor reported: {error}" if error else None
 
 

@@ -17,18 +17,27 @@ import queue
 import signal
 import time
 import traceback
-from typing import Any
 
 from agent import errors
 from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.faults import ENV_VAR, parse_faults
+from agent.health import is_hung, status_line, supervisor_health
 from agent.lock import SupervisorLock
 from agent.log import event, shutdown_logging
 from agent.notify import Notifier
-from agent.state import Outcome, UnreadableState, read_state, write_state
-from agent.states import LIVE_PHASES, UNHEALTHY_STATES, Phase, WorkerState, check_phase_transition
+from agent.state import (
+    Outcome,
+    PreviousRun,
+    StateRecord,
+    SupervisorRecord,
+    UnreadableState,
+    WorkerRecord,
+    read_state,
+    write_state,
+)
+from agent.states import LIVE_PHASES, Phase, WorkerState, check_phase_transition
 from agent.worker import DisabledWorker, RestartPolicy, WorkerRunner
 from agent.workers import WORKER_NAMES, build_workers
 
@@ -54,7 +63,8 @@ class Supervisor:
         self.phase = Phase.STARTING
         self.outcome = Outcome.RUNNING
         self.last_error: str | None = None
-        self.previous_run: dict[str, Any] | None = None
+        self.problem: str | None = None  # the supervisor's own reason to be degraded
+        self.previous_run: PreviousRun | None = None
         self.started_at = time.time()
         self.runners: list[WorkerRunner] = []
         self.disabled: list[DisabledWorker] = []
@@ -276,7 +286,7 @@ class Supervisor:
         for runner in self.runners:
             if runner.state == WorkerState.HUNG:
                 return False
-            if runner.state == WorkerState.RUNNING and runner.heartbeat_age(now) > limit:
+            if is_hung(runner.state, runner.heartbeat_age(now), limit):
                 return False
         return True
 
@@ -288,13 +298,14 @@ class Supervisor:
             self.notifier.watchdog()
             self._last_watchdog = now
 
-    def healthy(self) -> bool:
-        return not any(r.state in UNHEALTHY_STATES or r.degraded() for r in self.runners)
+    def health(self) -> str:
+        """healthy or degraded, by the rules `agentctl status` applies too (agent.health)."""
+        workers = [(r.state, r.health_detail()) for r in self.runners]
+        return supervisor_health(workers, [self.problem])
 
     def _status_line(self) -> str:
-        health = "healthy" if self.healthy() else "degraded"
-        workers = " ".join(f"{r.name}={r.state}" for r in self.runners)
-        return f"{health}: {workers}"
+        workers = [(r.name, str(r.state)) for r in self.runners]
+        return status_line(self.health(), workers, self.problem)
 
     def _update_status_line(self) -> None:
         line = self._status_line()
@@ -310,35 +321,34 @@ class Supervisor:
         self._last_flush = now
         write_state(self.config.state_path, self.snapshot())
 
-    def snapshot(self) -> dict[str, Any]:
-        workers = [r.snapshot() for r in self.runners] + [d.snapshot() for d in self.disabled]
+    def snapshot(self) -> StateRecord:
+        snaps = [r.snapshot() for r in self.runners] + [d.snapshot() for d in self.disabled]
         order = {name: i for i, name in enumerate(WORKER_NAMES)}
-        workers.sort(key=lambda w: order.get(w["name"], len(order)))
-        return {
-            "supervisor": {
-                "pid": os.getpid(),
-                "phase": str(self.phase),
-                "outcome": self.outcome,
-                "started_at": iso_utc(self.started_at),
-                "updated_at": iso_utc(),
-                "stopped_at": iso_utc() if self.phase == Phase.STOPPED else None,
-                "manager": self.manager,
-                "config": str(self.config.path) if self.config.path else None,
-                "state_dir": str(self.config.state_dir),
-                "log_sink": self.log_sink,
-                "hang_timeout": self.config.supervisor.hang_timeout,
-                "stop_timeout": self.config.supervisor.stop_timeout,
-                "last_error": self.last_error,
-                "previous_run": self.previous_run,
-            },
-            "workers": workers,
-        }
+        snaps.sort(key=lambda w: order.get(w["name"], len(order)))
+        supervisor = SupervisorRecord(
+            pid=os.getpid(),
+            phase=str(self.phase),
+            outcome=self.outcome,
+            started_at=iso_utc(self.started_at),
+            updated_at=iso_utc(),
+            stopped_at=iso_utc() if self.phase == Phase.STOPPED else None,
+            manager=self.manager,
+            config=str(self.config.path) if self.config.path else None,
+            state_dir=str(self.config.state_dir),
+            log_sink=self.log_sink,
+            hang_timeout=self.config.supervisor.hang_timeout,
+            stop_timeout=self.config.supervisor.stop_timeout,
+            last_error=self.last_error,
+            degraded=self.problem,
+            previous_run=self.previous_run,
+        )
+        return StateRecord(supervisor, tuple(WorkerRecord(**w) for w in snaps))
 
     def _move(self, new: Phase) -> None:
         check_phase_transition(self.phase, new)
         self.phase = new
 
-    def _inspect_previous_run(self) -> dict[str, Any] | None:
+    def _inspect_previous_run(self) -> PreviousRun | None:
         """A previous run that never recorded its end crashed; say so once, deterministically."""
         try:
             previous = read_state(self.config.state_path)
@@ -351,24 +361,24 @@ class Supervisor:
             return None
         if previous is None:
             return None
-        old = previous["supervisor"]
-        outcome = old.get("outcome")
-        if old.get("phase") in LIVE_PHASES:
+        old = previous.supervisor
+        outcome = old.outcome
+        if old.phase in LIVE_PHASES:
             outcome = Outcome.CRASHED
             event(
                 "supervisor.stale_state",
-                f"previous supervisor (pid {old.get('pid')}) ended without recording it; "
+                f"previous supervisor (pid {old.pid}) ended without recording it; "
                 "treating it as crashed",
                 level=logging.WARNING,
-                previous_pid=old.get("pid"),
+                previous_pid=old.pid,
             )
-        return {
-            "pid": old.get("pid"),
-            "started_at": old.get("started_at"),
-            "stopped_at": old.get("stopped_at") or old.get("updated_at"),
-            "outcome": outcome,
-            "last_error": old.get("last_error"),
-        }
+        return PreviousRun(
+            pid=old.pid,
+            started_at=old.started_at,
+            stopped_at=old.stopped_at or old.updated_at,
+            outcome=outcome,
+            last_error=old.last_error,
+        )
 
     def _write_pidfile(self) -> None:
         """A conventional pid file in RuntimeDirectory=, for tools; truth stays in the lock."""
