@@ -72,13 +72,17 @@ def run(ctx: click.Context) -> None:
 def start(ctx: click.Context) -> None:
     """Start one supervisor; returns once it is ready and prints its pid."""
     from agent import control
+    from agent.state import readable_problem
 
     config = _config(ctx)
+    problem = readable_problem(config.state_path)
     if control.systemd_manages(config):
         pid = control.start_systemd()
     else:
         pid = control.start_standalone(config)
     click.echo(f"started (pid {pid})")
+    if problem:
+        click.echo(f"agentctl: warning: {problem}; the new supervisor replaces it", err=True)
 
 
 @main.command()
