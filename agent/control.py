@@ -188,9 +188,14 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 def stop_standalone(config: Config) -> StopResult:
     holder = locks.probe(config.lock_path)
-    if not holder.held or holder.pid is None:
+    if not holder.held:
         return StopResult(None, "not running")
-    pid = holder.pid
+    if holder.pid is None:
+        raise AgentError(
+            f"{config.lock_path}: a supervisor holds the lock, but the kernel does not say "
+            f"which process ({locks.PROC_LOCKS} unreadable?); not signalling anyone"
+        )
+    pid = holder.pid  # proven by the kernel, never merely read from a file
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -213,6 +218,8 @@ def stop_standalone(config: Config) -> StopResult:
 
 
 def _still_holder(config: Config, pid: int) -> bool:
+    """Once a pidfd is open, the pid cannot be reused: if the kernel still names it as the
+    lock's holder, the pidfd is the holder's."""
     again = locks.probe(config.lock_path)
     return again.held and again.pid == pid
 

@@ -40,7 +40,7 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     last_error = unreadable or sup.last_error
     problems = [unreadable, sup.last_error]
     if state == "running":
-        problems += [sup.degraded, _stale(sup, now, hang_timeout), _lock_problem(lock)]
+        problems += [lock.problem, sup.degraded, _stale(sup, now, hang_timeout)]
         last_error = next((p for p in problems if p), None)
     health = None
     if state == "running":
@@ -82,10 +82,6 @@ def _saved_state(config: Config) -> tuple[StateRecord, str | None]:
 
 def _previous(previous: PreviousRun | None) -> dict[str, Any] | None:
     return previous._asdict() if previous is not None else None
-
-
-def _lock_problem(lock: Any) -> str | None:
-    return getattr(lock, "problem", None)
 
 
 def _stale(sup: SupervisorRecord, now: float, hang_timeout: float) -> str | None:

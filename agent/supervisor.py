@@ -176,12 +176,24 @@ class Supervisor:
         )
 
     def _tick(self) -> None:
+        self._check_lock()
         now = time.monotonic()
         for runner in self.runners:
             runner.check_heartbeat(now, self.config.supervisor.hang_timeout)
         self._ping_watchdog(now)
         self._update_status_line()
         self._flush_state()
+
+    def _check_lock(self) -> None:
+        """Say so when agent.lock no longer names our lock (deleted or replaced): degraded."""
+        lost = self.lock.lost()
+        if lost == self.problem:
+            return
+        self.problem = lost
+        if lost:
+            event("supervisor.lock_lost", lost, level=logging.ERROR, path=str(self.lock.path))
+        else:
+            event("supervisor.lock_restored", f"{self.lock.path} names our lock again")
 
     # ---- shutdown
 
