@@ -60,8 +60,11 @@ def run(ctx: click.Context) -> None:
     """Run the supervisor in the foreground (what the systemd unit executes)."""
     from agent.log import choose_sink, setup_logging
     from agent.supervisor import Supervisor
+    from agent.trust import check_state_dir, tighten_umask
 
     config = _config(ctx)
+    tighten_umask()
+    check_state_dir(config.state_dir)  # before anything is opened there, the log included
     sink = choose_sink(config)
     setup_logging(config, sink, echo=sys.stderr.isatty())
     ctx.exit(Supervisor(config, sink).run())

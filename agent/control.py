@@ -71,10 +71,13 @@ def systemd_manages(config: Config, environ: dict[str, str] | None = None) -> bo
 
 
 def start_standalone(config: Config, timeout: float = START_TIMEOUT) -> int:
+    from agent.trust import check_state_dir
+
     held = locks.probe(config.lock_path)
     if held.held:
         raise AlreadyRunning(held.pid)
-    config.log_dir.mkdir(parents=True, exist_ok=True)
+    check_state_dir(config.state_dir)
+    config.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     with _notify_socket() as (sock, address):
         proc = _spawn_supervisor(config, address)
         status = _wait_for_ready(proc, sock, timeout)
@@ -105,7 +108,7 @@ def _spawn_supervisor(config: Config, notify_address: str) -> subprocess.Popen:
     else:  # embedded defaults: pin the state_dir we resolved, whatever the child's env
         env["STATE_DIRECTORY"] = str(config.state_dir)
     argv.append("run")
-    with open(config.log_dir / "supervisor.out", "ab") as out:
+    with _open_append(config.log_dir / "supervisor.out") as out:
         return subprocess.Popen(
             argv,
             env=env,
@@ -115,6 +118,17 @@ def _spawn_supervisor(config: Config, notify_address: str) -> subprocess.Popen:
             start_new_session=True,
             close_fds=True,
         )
+
+
+def _open_append(path: Path):
+    """Append to a file of ours in state_dir: never through a symlink, created 0640."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return open(os.open(path, flags, 0o640), "ab")
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP
+            raise AgentError(f"{path}: is a symlink; refusing to write through it") from None
+        raise
 
 
 def _wait_for_ready(proc: subprocess.Popen, sock: socket.socket, timeout: float) -> str | None:
@@ -178,11 +192,18 @@ def _saved_last_error(config: Config) -> str | None:
     return saved.supervisor.last_error if saved else None
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _tail(path: Path, lines: int = 5, limit: int = 65536) -> str:
     try:
-        text = path.read_text(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        size = os.fstat(fd).st_size
+        text = os.pread(fd, limit, max(size - limit, 0)).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     return "\n".join(text.strip().splitlines()[-lines:])
 
 

@@ -108,7 +108,7 @@ class Supervisor:
 
     def _run_locked(self) -> int:
         self._install_signal_handlers()
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.previous_run = self._inspect_previous_run()
         self._write_pidfile()
         event(
@@ -119,6 +119,7 @@ class Supervisor:
             manager=self.manager,
             faults=",".join(f"{w}:{k}" for w, k in self.faults.items()) or None,
         )
+        self._warn_loose_secrets()
         self._build_runners()
         self._flush_state(force=True)
         for runner in self.runners:
@@ -395,4 +396,21 @@ class Supervisor:
     def _write_pidfile(self) -> None:
         """A conventional pid file in RuntimeDirectory=, for tools; truth stays in the lock."""
         if self.config.runtime_dir is not None:
-            (self.config.runtime_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+            from agent.fsutil import atomic_write_bytes  # replaces a symlink, never follows it
+
+            atomic_write_bytes(self.config.runtime_dir / "agent.pid", f"{os.getpid()}\n".encode())
+
+    def _warn_loose_secrets(self) -> None:
+        """A Slack token file its group or the world may read: a warning event at start."""
+        if not self.config.slack.enabled:
+            return
+        from agent.slack_link import resolve_token_path
+        from agent.trust import loose_secret_files
+
+        paths = [
+            resolve_token_path(name)
+            for profile in self.config.slack.profiles.values()
+            for name in (profile.bot_token_file, profile.app_token_file)
+        ]
+        for problem in loose_secret_files(paths):
+            event("supervisor.insecure_file", problem, level=logging.WARNING)

@@ -1,0 +1,99 @@
+"""Whether state_dir deserves the supervisor's trust, in the manner of sshd's StrictModes.
+
+The supervisor (often root) acts on what it finds under state_dir: it kills the process
+groups runs/ names, signals the holder of agent.lock, appends to logs/, restarts with the
+config state.json names. So before it takes the lock (and before `agentctl start`
+launches one) it checks that nobody else could have planted anything there:
+
+- state_dir and every directory under it are real directories (no symlinks), owned by
+  the user running the supervisor or by root, and neither group- nor world-writable;
+- except the queue's ingress, QUEUE_INGRESS (queue/incoming and the producers' staging
+  area queue/tmp), which may be group-writable for a producers' group, never
+  world-writable; the files inside the queue's directories are the queue's business
+  (agent.queue treats every entry as untrusted input);
+- nothing else under state_dir is a symlink.
+
+A violation is UntrustedStateDir (exit 78, EX_CONFIG: the installation needs fixing), one
+line naming the path, the owner and mode found and what is expected. Whatever the
+supervisor creates is at most 0750 / 0640 (SUPERVISOR_UMASK), so it never makes a
+directory it would refuse at the next start.
+"""
+
+import os
+import stat
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+QUEUE_INGRESS = ("queue/incoming", "queue/tmp")
+QUEUE_DIRS = ("queue/tmp", "queue/incoming", "queue/processing", "queue/outgoing", "queue/failed")
+MAX_DEPTH = 4  # state_dir/slack/<profile>/routes is the deepest the runtime goes
+SUPERVISOR_UMASK = 0o027  # never group-writable, never world-anything
+
+
+class UntrustedStateDir(ConfigError):
+    """state_dir or something under it could have been written by somebody else."""
+
+
+def tighten_umask() -> None:
+    """At least SUPERVISOR_UMASK for everything this process and its children create."""
+    os.umask(os.umask(SUPERVISOR_UMASK) | SUPERVISOR_UMASK)
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Raise UntrustedStateDir unless state_dir and what is under it deserve trust.
+    A state_dir that does not exist yet is fine: the supervisor creates it 0750."""
+    try:
+        top = os.stat(state_dir)  # the operator's own path: a symlink at the top is theirs
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        raise UntrustedStateDir(f"{state_dir}: not a directory; expected the agent's state_dir")
+    _check_directory(state_dir, top, "")
+    _walk(state_dir, "", 1)
+
+
+def _walk(directory: Path, relative: str, depth: int) -> None:
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            rel = f"{relative}{entry.name}"
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                raise UntrustedStateDir(
+                    f"{entry.path}: a symlink; expected nothing but the agent's own files "
+                    "and directories under state_dir (remove it)"
+                )
+            if not stat.S_ISDIR(info.st_mode):
+                continue
+            _check_directory(Path(entry.path), info, rel)
+            if rel not in QUEUE_DIRS and depth < MAX_DEPTH:
+                _walk(Path(entry.path), f"{rel}/", depth + 1)
+
+
+def _check_directory(path: Path, info: os.stat_result, relative: str) -> None:
+    me = os.geteuid()
+    writable = info.st_mode & (0o002 if relative in QUEUE_INGRESS else 0o022)
+    if info.st_uid in (me, 0) and not writable:
+        return
+    found = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
+    allowed = "not world-writable" if relative in QUEUE_INGRESS else "not group/world-writable"
+    raise UntrustedStateDir(
+        f"{path}: {found}; expected owner uid {me} (the supervisor's user) or root, "
+        f"{allowed} (fix: chown/chmod it, e.g. chmod go-w {path})"
+    )
+
+
+def loose_secret_files(paths: list[Path]) -> list[str]:
+    """One line per secret file (a Slack token) that its group or the world may read."""
+    found = []
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # missing or unreadable: the Slack worker says so itself
+        if mode & 0o044:
+            found.append(
+                f"{path}: mode {stat.S_IMODE(mode):04o} lets others read a secret; "
+                f"expected 0600 or 0400 (chmod go-rwx {path})"
+            )
+    return found
