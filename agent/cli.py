@@ -107,18 +107,16 @@ def stop(ctx: click.Context) -> None:
 @main.command()
 @click.pass_context
 def restart(ctx: click.Context) -> None:
-    """Stop, then start with the same config file: a fresh runtime."""
+    """Stop, then start: with --config or $AGENT_CONFIG when given, else the config the
+    running supervisor recorded (only if that file is trusted), else the default."""
     from agent import control
-    from agent.config import load_config
-    from agent.status import collect_status
 
     config = _config(ctx)
     if control.systemd_manages(config):
         pid = control.restart_systemd()
     else:
-        recorded = collect_status(config)["supervisor"]["config"]
-        if recorded and str(config.path) != recorded:
-            config = load_config(recorded)
+        if ctx.obj is None:  # neither --config nor $AGENT_CONFIG: what the last run used
+            config = control.recorded_config(config)
         stopped, pid = control.restart_standalone(config)
         click.echo(stopped.message)
     click.echo(f"started (pid {pid})")

@@ -21,7 +21,7 @@ from pathlib import Path
 from agent import lock as locks
 from agent.clock import iso_utc
 from agent.config import SYSTEM_CONFIG, Config
-from agent.errors import AgentError, AlreadyRunning
+from agent.errors import EXIT_CONFIG, EXIT_PERMISSION, AgentError, AlreadyRunning
 from agent.state import UnreadableState, read_state, record_killed
 
 START_TIMEOUT = 60.0
@@ -71,19 +71,23 @@ def systemd_manages(config: Config, environ: dict[str, str] | None = None) -> bo
 
 
 def start_standalone(config: Config, timeout: float = START_TIMEOUT) -> int:
-    from agent.trust import check_state_dir
+    from agent.trust import check_state_dir, tighten_umask
 
     held = locks.probe(config.lock_path)
     if held.held:
         raise AlreadyRunning(held.pid)
     check_state_dir(config.state_dir)
+    tighten_umask()  # what this creates (state_dir, logs/) must pass the supervisor's check
     config.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     with _notify_socket() as (sock, address):
         proc = _spawn_supervisor(config, address)
         status = _wait_for_ready(proc, sock, timeout)
     if status is None:
         return proc.pid
-    raise AgentError(_start_failure(config, proc, status))
+    failure = AgentError(_start_failure(config, proc, status))
+    if proc.poll() in (EXIT_CONFIG, EXIT_PERMISSION):  # keep the supervisor's own verdict
+        failure.exit_code = proc.returncode
+    raise failure
 
 
 class _notify_socket:
@@ -290,6 +294,30 @@ def _stop_warning(config: Config) -> str | None:
         return f"{exc}; ignoring it"
     error = saved.supervisor.last_error if saved else None
     return f"the supervisor reported: {error}" if error else None
+
+
+def recorded_config(config: Config) -> Config:
+    """The config the last supervisor recorded in state.json, when restart was given none.
+    Only a regular file owned by root or us and writable by nobody else is used: whoever
+    can write state.json must not choose what we run."""
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from agent.trust import config_file_problem
+
+    try:
+        saved = read_state(config.state_path)
+    except UnreadableState:
+        return config
+    recorded = saved.supervisor.config if saved else None
+    if not recorded or (config.path is not None and str(config.path) == recorded):
+        return config
+    problem = config_file_problem(Path(recorded))
+    if problem:
+        raise ConfigError(
+            f"{config.state_path}: the recorded config {problem}; not using it "
+            "(give restart --config PATH)"
+        )
+    return load_config(recorded)
 
 
 def restart_standalone(config: Config) -> tuple[StopResult, int]:

@@ -77,10 +77,26 @@ def _check_directory(path: Path, info: os.stat_result, relative: str) -> None:
         return
     found = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
     allowed = "not world-writable" if relative in QUEUE_INGRESS else "not group/world-writable"
+    owners = f"uid {me} (the supervisor's user)" + (" or root" if me else "")
     raise UntrustedStateDir(
-        f"{path}: {found}; expected owner uid {me} (the supervisor's user) or root, "
+        f"{path}: {found}; expected owner {owners}, "
         f"{allowed} (fix: chown/chmod it, e.g. chmod go-w {path})"
     )
+
+
+def config_file_problem(path: Path) -> str | None:
+    """Why a config file named by a state file must not be trusted, or None."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"{path} cannot be used: {exc.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file"
+    if info.st_uid not in (os.geteuid(), 0):
+        return f"{path} is owned by uid {info.st_uid}, not by root or uid {os.geteuid()}"
+    if info.st_mode & 0o022:
+        return f"{path} has mode {stat.S_IMODE(info.st_mode):04o}; others may write it"
+    return None
 
 
 def loose_secret_files(paths: list[Path]) -> list[str]:
