@@ -2,7 +2,8 @@
 
 Both the supervisor (its STATUS= line and the watchdog) and `agentctl status` (from the
 state file and the clock) decide with these functions, so they can never disagree:
-- a running worker whose last heartbeat is older than hang_timeout is hung;
+- a running worker whose last heartbeat is older than hang_timeout is hung, and so is a
+  starting worker whose initialize has taken longer than hang_timeout;
 - a running worker whose health detail carries a truthy `degraded` reason is degraded;
 - the supervisor is degraded when any worker is error, hung or degraded, or when it has a
   problem of its own (its lock path no longer names its lock, its state file went silent
@@ -23,6 +24,10 @@ DEGRADED = "degraded"
 def is_hung(state: str, heartbeat_age: float | None, hang_timeout: float) -> bool:
     running = state == WorkerState.RUNNING
     return running and heartbeat_age is not None and heartbeat_age > hang_timeout
+
+
+def initialize_overdue(state: str, starting_for: float, hang_timeout: float) -> bool:
+    return state == WorkerState.STARTING and starting_for > hang_timeout
 
 
 def is_degraded(state: str, detail: Any) -> bool:

@@ -24,7 +24,7 @@ from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import SupervisorConfig
 from agent.faults import InjectedFault
-from agent.health import is_degraded, is_hung
+from agent.health import initialize_overdue, is_degraded, is_hung
 from agent.log import event
 from agent.states import ALIVE_STATES, WorkerState, check_worker_transition
 
@@ -158,7 +158,7 @@ class WorkerRunner:
         with self._lock:
             if is_hung(self.state, age, hang_timeout):
                 self._become_hung(f"no heartbeat for {age:.1f}s", heartbeat_age_s=round(age, 1))
-            elif self.state == WorkerState.STARTING and now - self._state_since > hang_timeout:
+            elif initialize_overdue(self.state, now - self._state_since, hang_timeout):
                 waited = now - self._state_since
                 self._become_hung(
                     f"initialize has not finished after {waited:.1f}s",
