@@ -23,16 +23,12 @@ import os
 import stat
 from pathlib import Path
 
-from agent.errors import ConfigError
+from agent.errors import UntrustedStateDir
 
 QUEUE_INGRESS = ("queue/incoming", "queue/tmp")
 QUEUE_DIRS = ("queue/tmp", "queue/incoming", "queue/processing", "queue/outgoing", "queue/failed")
 MAX_DEPTH = 4  # state_dir/slack/<profile>/routes is the deepest the runtime goes
 SUPERVISOR_UMASK = 0o027  # never group-writable, never world-anything
-
-
-class UntrustedStateDir(ConfigError):
-    """state_dir or something under it could have been written by somebody else."""
 
 
 def tighten_umask() -> None:
