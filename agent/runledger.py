@@ -175,6 +175,8 @@ def proc_stat(pid: int) -> ProcStat | None:
 
 
 def boot_id() -> str:
+    """This boot's id; empty where /proc/sys is hidden (ProcSubset=pid), where the ctime
+    check (a record must be written when its leader started) still tells boots apart."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:
             return handle.read().strip()
@@ -183,11 +185,11 @@ def boot_id() -> str:
 
 
 def _boot_time() -> float:
-    with open("/proc/stat", "rb") as handle:
-        for line in handle:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    return 0.0
+    """Wall-clock time of boot, without /proc/stat (hidden under the unit's ProcSubset=pid):
+    a process's start time counts clock ticks on CLOCK_BOOTTIME."""
+    import time
+
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _refused(entry: Path, reason: str) -> None:

@@ -5,13 +5,18 @@ groups runs/ names, signals the holder of agent.lock, appends to logs/, restarts
 config state.json names. So before it takes the lock (and before `agentctl start`
 launches one) it checks that nobody else could have planted anything there:
 
-- state_dir and every directory under it are real directories (no symlinks), owned by
-  the user running the supervisor or by root, and neither group- nor world-writable;
+- state_dir and every directory of the runtime's own under it (RUNTIME_ENTRIES: logs,
+  runs, slack, queue and everything below them) are real directories (no symlinks), owned
+  by the user running the supervisor or by root, and neither group- nor world-writable;
 - except the queue's ingress, QUEUE_INGRESS (queue/incoming and the producers' staging
   area queue/tmp), which may be group-writable for a producers' group, never
   world-writable; the files inside the queue's directories are the queue's business
   (agent.queue treats every entry as untrusted input);
-- nothing else under state_dir is a symlink.
+- nothing else of the runtime's (agent.lock, state.json, the files under logs, runs,
+  slack) is a symlink.
+
+Other entries of state_dir (an agent's home, say) are not the runtime's: it neither
+checks them nor acts on anything in them.
 
 A violation is UntrustedStateDir (exit 78, EX_CONFIG: the installation needs fixing), one
 line naming the path, the owner and mode found and what is expected. Whatever the
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from agent.errors import UntrustedStateDir
 
+RUNTIME_ENTRIES = ("agent.lock", "state.json", "logs", "runs", "slack", "queue")
 QUEUE_INGRESS = ("queue/incoming", "queue/tmp")
 QUEUE_DIRS = ("queue/tmp", "queue/incoming", "queue/processing", "queue/outgoing", "queue/failed")
 MAX_DEPTH = 4  # state_dir/slack/<profile>/routes is the deepest the runtime goes
@@ -46,24 +52,28 @@ def check_state_dir(state_dir: Path) -> None:
     if not stat.S_ISDIR(top.st_mode):
         raise UntrustedStateDir(f"{state_dir}: not a directory; expected the agent's state_dir")
     _check_directory(state_dir, top, "")
-    _walk(state_dir, "", 1)
+    for name in RUNTIME_ENTRIES:
+        try:
+            info = os.lstat(state_dir / name)
+        except FileNotFoundError:
+            continue
+        _check_entry(state_dir / name, info, name, 1)
 
 
-def _walk(directory: Path, relative: str, depth: int) -> None:
-    with os.scandir(directory) as entries:
+def _check_entry(path: Path, info: os.stat_result, relative: str, depth: int) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise UntrustedStateDir(
+            f"{path}: a symlink; expected the agent's own file or directory (remove it)"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        return
+    _check_directory(path, info, relative)
+    if relative in QUEUE_DIRS or depth >= MAX_DEPTH:
+        return
+    with os.scandir(path) as entries:
         for entry in entries:
-            rel = f"{relative}{entry.name}"
             info = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(info.st_mode):
-                raise UntrustedStateDir(
-                    f"{entry.path}: a symlink; expected nothing but the agent's own files "
-                    "and directories under state_dir (remove it)"
-                )
-            if not stat.S_ISDIR(info.st_mode):
-                continue
-            _check_directory(Path(entry.path), info, rel)
-            if rel not in QUEUE_DIRS and depth < MAX_DEPTH:
-                _walk(Path(entry.path), f"{rel}/", depth + 1)
+            _check_entry(Path(entry.path), info, f"{relative}/{entry.name}", depth + 1)
 
 
 def _check_directory(path: Path, info: os.stat_result, relative: str) -> None:

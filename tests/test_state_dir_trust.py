@@ -151,6 +151,18 @@ def test_the_queue_ingress_may_be_group_writable_for_producers(agent_env):
     assert agent_env.stop().stdout.strip() == f"stopped (pid {pid})"
 
 
+def test_entries_that_are_not_the_runtimes_are_neither_checked_nor_used(agent_env, outside):
+    home = agent_env.state_dir / "home"  # e.g. an agent's home: its files are its own
+    home.mkdir(parents=True)
+    home.chmod(0o777)
+    (home / "link").symlink_to(outside)
+    (agent_env.state_dir / "notes").symlink_to(outside)
+    before = outside.stat()
+    pid = agent_env.start()
+    assert agent_env.stop().stdout.strip() == f"stopped (pid {pid})"
+    assert untouched(outside, before)
+
+
 def test_what_the_supervisor_creates_is_private_to_its_user_and_group(agent_env):
     done = subprocess.run(
         [sys.executable, "-m", "agent", "start"],
