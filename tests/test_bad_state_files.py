@@ -120,5 +120,5 @@ def test_status_and_logs_into_a_closed_pipe_exit_quietly(agent_env):
         for _ in range(3):
             done = _piped(agent_env, command)
             assert (done.stdout.strip(), done.stderr) == ("0", ""), command
-    clicked = _piped(agent_env, "logs --lines=3000 --event=x")  # through click
+    clicked = _piped(agent_env, "logs --lines=3000 --level=info")  # through click
     assert (clicked.stdout.strip(), clicked.stderr) == ("0", "")
