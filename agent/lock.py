@@ -170,15 +170,23 @@ def _shared_probe(path: Path, directory: bool = False) -> bool:
         os.close(fd)
 
 
-def probe(path: Path) -> LockProbe:
-    """Is a supervisor holding the lock, which pid does the kernel say it is, and does
-    agent.lock still name its lock?"""
+def probe(path: Path, claimed_pid: int | None = None) -> LockProbe:
+    """Is a supervisor holding the lock, which pid is it, and does agent.lock still name
+    its lock? The pid comes from the kernel, except that `status` (which only shows it)
+    may pass the pid the state file claims: when agent.lock says the same, that is taken
+    without reading /proc/locks, which costs milliseconds on a busy host."""
     if not _shared_probe(path):
-        return LockProbe(held=True, pid=holder_pid(path))
+        return LockProbe(held=True, pid=_agreed(path, claimed_pid) or holder_pid(path))
     if _shared_probe(path.parent, directory=True):
         return LockProbe(held=False, pid=None)
     # The directory is locked but agent.lock is not: its file was deleted or replaced.
     return LockProbe(held=True, pid=holder_pid(path), problem=lock_lost_reason(path))
+
+
+def _agreed(path: Path, claimed_pid: int | None) -> int | None:
+    if claimed_pid is None or recorded_pid(path) != claimed_pid:
+        return None
+    return claimed_pid if os.path.exists(f"/proc/{claimed_pid}") else None
 
 
 def holder_pid(path: Path) -> int | None:

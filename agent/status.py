@@ -23,9 +23,9 @@ STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state fi
 
 def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    lock = probe(config.lock_path)
     saved, unreadable = _saved_state(config)
     sup = saved.supervisor
+    lock = probe(config.lock_path, claimed_pid=sup.pid)  # shown, never signalled
     workers = [w._asdict() for w in saved.workers]
     if lock.held and sup.pid not in (None, lock.pid):
         # A new supervisor holds the lock but has not written its state yet: the file is
