@@ -6,6 +6,7 @@ supervisor died first (its last STATUS= line, its state, or its stderr).
 """
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -130,7 +131,7 @@ def _open_append(path: Path):
     try:
         return open(os.open(path, flags, 0o640), "ab")
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP
+        if exc.errno == errno.ELOOP:
             raise AgentError(f"{path}: is a symlink; refusing to write through it") from None
         raise
 

@@ -6,6 +6,7 @@ file: the JSON-lines file under state_dir/logs, read backwards from its end so t
 last N matches cost a read of the tail, not of the whole history.
 """
 
+import errno
 import json
 import os
 import re
@@ -219,7 +220,7 @@ def open_log(path: Path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: a symlink where our log should be
+        if exc.errno == errno.ELOOP:  # a symlink where our log should be
             print(f"agentctl: warning: {path}: is a symlink; not following it", file=sys.stderr)
             raise _NotOurs(path) from None
         raise
@@ -457,10 +458,12 @@ def show_logs(
 
 def _recorded_run(config: Config) -> dict[str, Any]:
     """What the last supervisor recorded about itself (empty when nothing readable)."""
-    from agent.state import UnreadableState, read_state
+    from agent.state import StateNotPermitted, UnreadableState, read_state
 
     try:
         saved = read_state(config.state_path)
+    except StateNotPermitted:
+        saved = None  # reading the log itself will say what is not permitted
     except UnreadableState as exc:
         print(f"agentctl: warning: {exc}; ignoring it", file=sys.stderr)
         saved = None

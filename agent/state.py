@@ -11,6 +11,7 @@ This module is the only one that reads or writes state_dir/state.json. Invariant
   with the lock and the clock (see agent.status), under the rules of agent.health.
 """
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -40,6 +41,10 @@ WORKER_STATES = ("starting", "running", "stopping", "stopped", "error", "hung", 
 
 class UnreadableState(Exception):
     """The state file exists but is not evidence we can use; the message is one line."""
+
+
+class StateNotPermitted(UnreadableState):
+    """The state file exists, but we may not read it (not root, not the agent's group)."""
 
 
 class PreviousRun(NamedTuple):
@@ -104,8 +109,10 @@ def read_state(path: Path) -> StateRecord | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
             raise UnreadableState(f"{path}: is a symlink; not trusted") from None
+        if isinstance(exc, PermissionError):
+            raise StateNotPermitted(f"{path}: permission denied") from None
         raise UnreadableState(f"{path}: {exc.strerror or exc}") from None
     return parse_state(data, str(path))
 
