@@ -106,15 +106,21 @@ def _open_locked(path: Path, directory: bool) -> int:
 
 def _open(path: Path, directory: bool) -> int:
     flags = os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_RDONLY | os.O_DIRECTORY if directory else os.O_RDWR | os.O_CREAT
+    flags |= os.O_RDONLY | os.O_DIRECTORY if directory else os.O_RDWR | os.O_CREAT | os.O_NONBLOCK
     try:
-        return os.open(path, flags, LOCK_FILE_MODE)
+        fd = os.open(path, flags, LOCK_FILE_MODE)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise AgentError(
-                f"{path}: is a symlink or not a {_kind(directory)}; refusing to use it"
-            ) from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+            raise _not_ours(path, directory) from None
         raise
+    if not directory and os.fstat(fd).st_mode & 0o170000 != 0o100000:
+        os.close(fd)
+        raise _not_ours(path, directory)
+    return fd
+
+
+def _not_ours(path: Path, directory: bool) -> AgentError:
+    return AgentError(f"{path}: is a symlink or not a {_kind(directory)}; refusing to use it")
 
 
 def _kind(directory: bool) -> str:

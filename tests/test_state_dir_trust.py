@@ -97,14 +97,21 @@ def test_symlinks_planted_while_running_are_never_written_through(agent_env, out
     assert untouched(outside, before)
 
 
-def test_the_lock_refuses_a_symlink_and_never_truncates_its_target(tmp_path, outside):
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_the_lock_refuses_what_is_not_its_file_and_never_truncates_a_target(
+    tmp_path, outside, kind
+):
     from agent.errors import AgentError
     from agent.lock import SupervisorLock
 
     lock_path = tmp_path / "agent.lock"
-    lock_path.symlink_to(outside)
+    {
+        "symlink": lambda: lock_path.symlink_to(outside),
+        "fifo": lambda: os.mkfifo(lock_path),
+        "directory": lock_path.mkdir,
+    }[kind]()
     before = outside.stat()
-    with pytest.raises(AgentError, match="is a symlink"):
+    with pytest.raises(AgentError, match="is a symlink or not a regular file"):
         SupervisorLock(lock_path).acquire()
     assert untouched(outside, before)
 
@@ -232,6 +239,7 @@ def test_a_planted_runs_entry_never_kills_an_unrelated_process_group(agent_env, 
     assert not entry.exists()
     assert pid_alive(sleeper.pid), "a foreign process group was signalled"
     assert not agent_env.events("dispatcher.orphans_killed")
+    assert len(supervisors(agent_env)) == 1
 
 
 def test_a_planted_runs_symlink_is_refused_at_start(agent_env, sleeper, outside):
@@ -279,6 +287,7 @@ def test_another_pid_written_into_agent_lock_is_never_signalled(agent_env, sleep
     lock.write_text(f"{sleeper.pid}\n")  # same file, same lock, a lie inside
     code, report = agent_env.status()
     assert (code, report["supervisor"]["pid"]) == (0, pid)  # the kernel's holder
+    assert supervisors(agent_env) == [pid]
     done = agent_env.stop()
     assert (done.returncode, done.stdout.strip()) == (0, f"stopped (pid {pid})")
     assert not pid_alive(pid)
