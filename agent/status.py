@@ -27,7 +27,7 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     sup = saved.supervisor
     lock = probe(config.lock_path, claimed_pid=sup.pid)  # shown, never signalled
     workers = [w._asdict() for w in saved.workers]
-    if lock.held and sup.pid not in (None, lock.pid):
+    if lock.held and lock.pid is not None and sup.pid not in (None, lock.pid):
         # A new supervisor holds the lock but has not written its state yet: the file is
         # the previous run's, and says nothing about this one.
         sup = SupervisorRecord(phase="starting", previous_run=PreviousRun(pid=sup.pid))
