@@ -420,3 +420,14 @@ def test_an_unprivileged_supervisor_refuses_a_state_dir_owned_by_another_user(tm
     )
     assert done.returncode == 78, done.stderr
     assert f"{state}: owner uid 1" in done.stderr and f"expected owner uid {NOBODY}" in done.stderr
+
+
+def test_a_run_record_must_be_written_when_its_leader_started():
+    from agent.runledger import _boot_time, _fresh
+
+    ticks = proc_stat(os.getpid()).start
+    started = _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+    assert _fresh(started + 0.05, ticks)  # written right after the spawn: ours
+    assert _fresh(started + 30, ticks)  # a slow machine
+    assert not _fresh(started + 3600, ticks)  # planted an hour after the process started
+    assert not _fresh(started - 60, ticks)  # older than its process: another boot or a lie
