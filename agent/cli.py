@@ -20,6 +20,11 @@ class AgentGroup(click.Group):
         except AgentError as exc:
             click.echo(f"agentctl: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # the reader closed the pipe (`| head`): not an error
+            from agent.output import reader_gone
+
+            reader_gone()
+            ctx.exit(0)
         except OSError as exc:  # the machine said no (permissions, a full disk): say what
             error = os_error(exc)
             click.echo(f"agentctl: {error}", err=True)
@@ -55,8 +60,11 @@ def run(ctx: click.Context) -> None:
     """Run the supervisor in the foreground (what the systemd unit executes)."""
     from agent.log import choose_sink, setup_logging
     from agent.supervisor import Supervisor
+    from agent.trust import check_state_dir, tighten_umask
 
     config = _config(ctx)
+    tighten_umask()
+    check_state_dir(config.state_dir)  # before anything is opened there, the log included
     sink = choose_sink(config)
     setup_logging(config, sink, echo=sys.stderr.isatty())
     ctx.exit(Supervisor(config, sink).run())
@@ -67,13 +75,17 @@ def run(ctx: click.Context) -> None:
 def start(ctx: click.Context) -> None:
     """Start one supervisor; returns once it is ready and prints its pid."""
     from agent import control
+    from agent.state import readable_problem
 
     config = _config(ctx)
+    problem = readable_problem(config.state_path)
     if control.systemd_manages(config):
         pid = control.start_systemd()
     else:
         pid = control.start_standalone(config)
     click.echo(f"started (pid {pid})")
+    if problem:
+        click.echo(f"agentctl: warning: {problem}; the new supervisor replaces it", err=True)
 
 
 @main.command()
@@ -95,18 +107,16 @@ def stop(ctx: click.Context) -> None:
 @main.command()
 @click.pass_context
 def restart(ctx: click.Context) -> None:
-    """Stop, then start with the same config file: a fresh runtime."""
+    """Stop, then start: with --config or $AGENT_CONFIG when given, else the config the
+    running supervisor recorded (only if that file is trusted), else the default."""
     from agent import control
-    from agent.config import load_config
-    from agent.status import collect_status
 
     config = _config(ctx)
     if control.systemd_manages(config):
         pid = control.restart_systemd()
     else:
-        recorded = collect_status(config)["supervisor"]["config"]
-        if recorded and str(config.path) != recorded:
-            config = load_config(recorded)
+        if ctx.obj is None:  # neither --config nor $AGENT_CONFIG: what the last run used
+            config = control.recorded_config(config)
         stopped, pid = control.restart_standalone(config)
         click.echo(stopped.message)
     click.echo(f"started (pid {pid})")

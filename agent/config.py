@@ -52,6 +52,14 @@ def _positive(value: float) -> bool:
     return value > 0
 
 
+def _within(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda value: low <= value <= high
+
+
+def _seconds(low: float, high: float) -> str:
+    return f"a number of seconds from {low:g} to {high:g}"
+
+
 class Section:
     """A config table: attributes from FIELDS, filled with defaults where the file is silent."""
 
@@ -74,12 +82,12 @@ class Section:
 
 class SupervisorConfig(Section):
     FIELDS = {
-        "stop_timeout": Setting(10.0, "float", SECONDS, _positive),
-        "hang_timeout": Setting(10.0, "float", SECONDS, _positive),
-        "restart_backoff": Setting(1.0, "float", SECONDS, _positive),
-        "restart_backoff_max": Setting(30.0, "float", SECONDS, _positive),
+        "stop_timeout": Setting(10.0, "float", _seconds(0.1, 3600), _within(0.1, 3600)),
+        "hang_timeout": Setting(10.0, "float", _seconds(1, 3600), _within(1, 3600)),
+        "restart_backoff": Setting(1.0, "float", _seconds(0.01, 3600), _within(0.01, 3600)),
+        "restart_backoff_max": Setting(30.0, "float", _seconds(0.01, 86400), _within(0.01, 86400)),
         "restart_limit": Setting(5, "int", "a whole number >= 1", lambda v: v >= 1),
-        "restart_window": Setting(60.0, "float", SECONDS, _positive),
+        "restart_window": Setting(60.0, "float", _seconds(1, 86400), _within(1, 86400)),
     }
 
 
@@ -93,17 +101,20 @@ class LoggingConfig(Section):
 class HeartbeatConfig(Section):
     FIELDS = {
         "interval": Setting(
-            0.0, "float", "a number of seconds >= 0 (0 disables)", lambda v: v >= 0
+            0.0,
+            "float",
+            "0 (disabled) or a number of seconds from 0.1 to 604800",
+            lambda v: v == 0 or 0.1 <= v <= 604800,
         ),
     }
 
 
 class DispatcherConfig(Section):
     FIELDS = {
-        "concurrency": Setting(4, "int", "a whole number >= 1", lambda v: v >= 1),
-        "max_attempts": Setting(3, "int", "a whole number >= 1", lambda v: v >= 1),
-        "retry_backoff": Setting(1.0, "float", SECONDS, _positive),
-        "retry_backoff_max": Setting(60.0, "float", SECONDS, _positive),
+        "concurrency": Setting(4, "int", "a whole number from 1 to 256", _within(1, 256)),
+        "max_attempts": Setting(3, "int", "a whole number from 1 to 100", _within(1, 100)),
+        "retry_backoff": Setting(1.0, "float", _seconds(0.01, 3600), _within(0.01, 3600)),
+        "retry_backoff_max": Setting(60.0, "float", _seconds(0.01, 86400), _within(0.01, 86400)),
     }
 
 
@@ -121,7 +132,7 @@ class AgentConfig(Section):
             "a number of seconds >= 0 (0: a conversation's session never expires)",
             lambda v: v >= 0,
         ),
-        "timeout": Setting(300.0, "float", SECONDS, _positive),
+        "timeout": Setting(300.0, "float", _seconds(0.1, 86400), _within(0.1, 86400)),
         "workdir": Setting(None, "optional_str", "a directory path string"),
         "env": Setting({}, "env", "a table of environment variable names to string values"),
         "max_output_bytes": Setting(

@@ -6,6 +6,7 @@ supervisor died first (its last STATUS= line, its state, or its stderr).
 """
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -22,8 +23,8 @@ from agent import lock as locks
 from agent.agentenv import check_agent_commands
 from agent.clock import iso_utc
 from agent.config import SYSTEM_CONFIG, Config
-from agent.errors import EXIT_CONFIG, AgentError, AlreadyRunning, ConfigError
-from agent.state import Outcome, UnreadableState, read_state, write_state
+from agent.errors import EXIT_CONFIG, EXIT_PERMISSION, AgentError, AlreadyRunning
+from agent.state import UnreadableState, read_state, record_killed
 
 START_TIMEOUT = 60.0
 STOP_MARGIN = 5.0  # beyond stop_timeout before `stop` escalates to SIGKILL
@@ -72,20 +73,24 @@ def systemd_manages(config: Config, environ: dict[str, str] | None = None) -> bo
 
 
 def start_standalone(config: Config, timeout: float = START_TIMEOUT) -> int:
+    from agent.trust import check_state_dir, tighten_umask
+
     held = locks.probe(config.lock_path)
     if held.held:
         raise AlreadyRunning(held.pid)
+    check_state_dir(config.state_dir)
+    tighten_umask()  # what this creates (state_dir, logs/) must pass the supervisor's check
     check_agent_commands(config)  # the supervisor checks too; this says it once, exit 78
-    config.log_dir.mkdir(parents=True, exist_ok=True)
+    config.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     with _notify_socket() as (sock, address):
         proc = _spawn_supervisor(config, address)
         status = _wait_for_ready(proc, sock, timeout)
     if status is None:
         return proc.pid
-    failure = _start_failure(config, proc, status)
-    if _exit_code(proc) == EXIT_CONFIG:
-        raise ConfigError(failure)
-    raise AgentError(failure)
+    failure = AgentError(_start_failure(config, proc, status))
+    if _exit_code(proc) in (EXIT_CONFIG, EXIT_PERMISSION):  # keep the supervisor's verdict
+        failure.exit_code = proc.returncode
+    raise failure
 
 
 def _exit_code(proc: subprocess.Popen) -> int | None:
@@ -117,7 +122,7 @@ def _spawn_supervisor(config: Config, notify_address: str) -> subprocess.Popen:
     else:  # embedded defaults: pin the state_dir we resolved, whatever the child's env
         env["STATE_DIRECTORY"] = str(config.state_dir)
     argv.append("run")
-    with open(config.log_dir / "supervisor.out", "ab") as out:
+    with _open_append(config.log_dir / "supervisor.out") as out:
         return subprocess.Popen(
             argv,
             env=env,
@@ -127,6 +132,17 @@ def _spawn_supervisor(config: Config, notify_address: str) -> subprocess.Popen:
             start_new_session=True,
             close_fds=True,
         )
+
+
+def _open_append(path: Path):
+    """Append to a file of ours in state_dir: never through a symlink, created 0640."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return open(os.open(path, flags, 0o640), "ab")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AgentError(f"{path}: is a symlink; refusing to write through it") from None
+        raise
 
 
 def _wait_for_ready(proc: subprocess.Popen, sock: socket.socket, timeout: float) -> str | None:
@@ -187,22 +203,34 @@ def _saved_last_error(config: Config) -> str | None:
         saved = read_state(config.state_path)
     except UnreadableState:
         return None
-    return saved["supervisor"].get("last_error") if saved else None
+    return saved.supervisor.last_error if saved else None
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _tail(path: Path, lines: int = 5, limit: int = 65536) -> str:
     try:
-        text = path.read_text(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        size = os.fstat(fd).st_size
+        text = os.pread(fd, limit, max(size - limit, 0)).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def stop_standalone(config: Config) -> StopResult:
     holder = locks.probe(config.lock_path)
-    if not holder.held or holder.pid is None:
+    if not holder.held:
         return StopResult(None, "not running")
-    pid = holder.pid
+    if holder.pid is None:
+        raise AgentError(
+            f"{config.lock_path}: a supervisor holds the lock, but the kernel does not say "
+            f"which process ({locks.PROC_LOCKS} unreadable?); not signalling anyone"
+        )
+    pid = holder.pid  # proven by the kernel, never merely read from a file
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -225,6 +253,8 @@ def stop_standalone(config: Config) -> StopResult:
 
 
 def _still_holder(config: Config, pid: int) -> bool:
+    """Once a pidfd is open, the pid cannot be reused: if the kernel still names it as the
+    lock's holder, the pidfd is the holder's."""
     again = locks.probe(config.lock_path)
     return again.held and again.pid == pid
 
@@ -262,21 +292,42 @@ def _record_killed(config: Config, reason: str) -> None:
         from agent.runledger import RunLedger
 
         RunLedger(config.state_dir / "runs").kill_leftovers()  # its agent runs die with it
-        saved = read_state(config.state_path)
-        if saved and saved["supervisor"].get("phase") != "stopped":
-            saved["supervisor"].update(
-                phase="stopped", outcome=Outcome.KILLED, last_error=reason, stopped_at=iso_utc()
-            )
-            write_state(config.state_path, saved)
-    except UnreadableState:
-        pass
+        record_killed(config.state_path, reason, iso_utc())
     finally:
         lock.release()
 
 
 def _stop_warning(config: Config) -> str | None:
-    error = _saved_last_error(config)
+    try:
+        saved = read_state(config.state_path)
+    except UnreadableState as exc:
+        return f"{exc}; ignoring it"
+    error = saved.supervisor.last_error if saved else None
     return f"the supervisor reported: {error}" if error else None
+
+
+def recorded_config(config: Config) -> Config:
+    """The config the last supervisor recorded in state.json, when restart was given none.
+    Only a regular file owned by root or us and writable by nobody else is used: whoever
+    can write state.json must not choose what we run."""
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from agent.trust import config_file_problem
+
+    try:
+        saved = read_state(config.state_path)
+    except UnreadableState:
+        return config
+    recorded = saved.supervisor.config if saved else None
+    if not recorded or (config.path is not None and str(config.path) == recorded):
+        return config
+    problem = config_file_problem(Path(recorded))
+    if problem:
+        raise ConfigError(
+            f"{config.state_path}: the recorded config {problem}; not using it "
+            "(give restart --config PATH)"
+        )
+    return load_config(recorded)
 
 
 def restart_standalone(config: Config) -> tuple[StopResult, int]:

@@ -72,6 +72,11 @@ def _quick(config_path: str | None, command, **options) -> int:
     except AgentError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader closed the pipe (`| head`): not an error
+        from agent.output import reader_gone
+
+        reader_gone()
+        return 0
     except OSError as exc:
         error = os_error(exc)
         print(f"agentctl: {error}", file=sys.stderr)

@@ -8,7 +8,7 @@ traceback for them.
 EXIT_OK = 0
 EXIT_FAILURE = 1  # generic failure; also `start` when a supervisor is already running
 EXIT_USAGE = 2  # bad command line (click's own code)
-EXIT_CONFIG = 78  # EX_CONFIG: unreadable or invalid configuration
+EXIT_CONFIG = 78  # EX_CONFIG: unreadable or invalid configuration; an untrusted state_dir
 EXIT_PERMISSION = 77  # EX_NOPERM: not allowed (systemctl or journal access denied)
 
 # Exit codes of `agentctl status`.
@@ -30,6 +30,11 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     exit_code = EXIT_CONFIG
+
+
+class UntrustedStateDir(ConfigError):
+    """state_dir, or something under it, could have been written by somebody else (exit 78:
+    the installation needs fixing, like a bad config; see agent.trust, docs/security.md)."""
 
 
 class AlreadyRunning(AgentError):

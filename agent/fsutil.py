@@ -1,4 +1,8 @@
-"""Crash-safe file writes: temp file, fsync, rename, fsync the directory."""
+"""Crash-safe file writes: temp file, fsync, rename, fsync the directory.
+
+A file's mode is what its writer asks for, narrowed by the process umask: never widened
+by a chmod that ignores it. The rename replaces a symlink at the path, never its target.
+"""
 
 import contextlib
 import json
@@ -32,7 +36,7 @@ def atomic_write_bytes(
             if times_ns is not None:
                 os.utime(handle.fileno(), ns=times_ns)
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -41,6 +45,18 @@ def atomic_write_bytes(
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, value: Any) -> None:
+def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:
     text = json.dumps(value, sort_keys=True, indent=2) + "\n"
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode(), mode)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022

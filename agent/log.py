@@ -20,6 +20,7 @@ SYSLOG_IDENTIFIER = "agent"
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 MAX_LOG_BYTES = 20 * 1024 * 1024
 LOG_BACKUPS = 4
+LOG_FILE_MODE = 0o640
 LEVEL_NAMES = {
     logging.DEBUG: "debug",
     logging.INFO: "info",
@@ -69,12 +70,24 @@ def setup_logging(config: Config, sink: str, echo: bool = False) -> None:
 
 
 def json_file_handler(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    handler = NoFollowRotatingFileHandler(
         path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
     )
     handler.setFormatter(JsonLinesFormatter())
     return handler
+
+
+class NoFollowRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Opens (and reopens after rotation) without following a symlink, creating 0640: a
+    symlink planted at logs/agent.jsonl never gets its target appended to."""
+
+    def _open(self):
+        import os
+
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, LOG_FILE_MODE)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def shutdown_logging() -> None:

@@ -6,9 +6,11 @@ file: the JSON-lines file under state_dir/logs, read backwards from its end so t
 last N matches cost a read of the tail, not of the whole history.
 """
 
+import errno
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -85,29 +87,38 @@ def _record_time(record: dict[str, Any]) -> float:
 
 
 def file_tail(path: Path, flt: LogFilter, limit: int) -> list[dict[str, Any]]:
-    """The last `limit` matching records, oldest first."""
+    """The last `limit` matching records, oldest first. Records of the wrong shape are
+    unreadable evidence: skipped, and counted in one warning line on stderr."""
     found: list[dict[str, Any]] = []
-    for record in _records_backwards(path):
+    skipped = [0]
+    for record in _records_backwards(path, skipped):
         if flt.since is not None and _record_time(record) < flt.since:
             break
         if flt.matches(record):
             found.append(record)
             if len(found) >= limit:
                 break
+    if skipped[0]:
+        print(
+            f"agentctl: warning: {path}: skipped {skipped[0]} unreadable log record(s)",
+            file=sys.stderr,
+        )
     found.reverse()
     return found
 
 
-def _records_backwards(path: Path) -> Iterator[dict[str, Any]]:
+def _records_backwards(path: Path, skipped: list[int]) -> Iterator[dict[str, Any]]:
     try:
         files = [path, *_rotated(path)]
     except PermissionError:
         raise PermissionDenied(f"{path.parent}: permission denied reading the agent log") from None
     for file in files:
-        for line in _lines_backwards(file):
+        for index, line in enumerate(_lines_backwards(file)):
             record = _parse_line(line)
             if record is not None:
                 yield record
+            elif index > 0 or file != path:  # the newest line may be torn by a writer: quiet
+                skipped[0] += 1
 
 
 def _rotated(path: Path) -> list[Path]:
@@ -121,7 +132,7 @@ def _rotated(path: Path) -> list[Path]:
 
 def _lines_backwards(path: Path) -> Iterator[bytes]:
     try:
-        handle = open(path, "rb")
+        handle = open_log(path)
     except FileNotFoundError:
         return
     except PermissionError:
@@ -141,12 +152,29 @@ def _lines_backwards(path: Path) -> Iterator[bytes]:
             yield partial
 
 
+CORE_TYPES = {
+    "ts": str,
+    "level": str,
+    "event": str,
+    "worker": str,
+    "message": str,
+    "pid": int,
+}
+
+
 def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """One record, or None when the line is not a record of ours (bad JSON, wrong shape)."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    for key, kind in CORE_TYPES.items():
+        value = record.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return None
+    return record
 
 
 def file_follow(path: Path, flt: LogFilter, poll: float = 0.2) -> Iterator[dict[str, Any]]:
@@ -168,21 +196,44 @@ def file_follow(path: Path, flt: LogFilter, poll: float = 0.2) -> Iterator[dict[
         if current != inode:
             if handle:
                 handle.close()
-            handle, inode = (open(path, "rb"), current) if current else (None, None)
+            handle, inode = _open_at_end(path, seek_end=False)
 
 
-def _open_at_end(path: Path):
+def _open_at_end(path: Path, seek_end: bool = True):
     try:
-        handle = open(path, "rb")
+        handle = open_log(path)
+    except _NotOurs:
+        return None, _inode(path)  # not ours: wait until the path names another file
     except FileNotFoundError:
         return None, None
-    handle.seek(0, os.SEEK_END)
+    if seek_end:
+        handle.seek(0, os.SEEK_END)
     return handle, os.fstat(handle.fileno()).st_ino
+
+
+class _NotOurs(FileNotFoundError):
+    """A log path that is a symlink or not a regular file: read as if it were absent."""
+
+
+def open_log(path: Path):
+    """Open a log file for reading without following a symlink; only regular files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink where our log should be
+            print(f"agentctl: warning: {path}: is a symlink; not following it", file=sys.stderr)
+            raise _NotOurs(path) from None
+        raise
+    if os.fstat(fd).st_mode & 0o170000 != 0o100000:
+        os.close(fd)
+        print(f"agentctl: warning: {path}: not a regular file; skipping it", file=sys.stderr)
+        raise _NotOurs(path)
+    return os.fdopen(fd, "rb")
 
 
 def _inode(path: Path) -> int | None:
     try:
-        return path.stat().st_ino
+        return path.lstat().st_ino
     except FileNotFoundError:
         return None
 
@@ -407,13 +458,16 @@ def show_logs(
 
 def _recorded_run(config: Config) -> dict[str, Any]:
     """What the last supervisor recorded about itself (empty when nothing readable)."""
-    from agent.state import UnreadableState, read_state
+    from agent.state import StateNotPermitted, UnreadableState, read_state
 
     try:
         saved = read_state(config.state_path)
-    except (UnreadableState, PermissionError):
+    except StateNotPermitted:
+        saved = None  # reading the log itself will say what is not permitted
+    except UnreadableState as exc:
+        print(f"agentctl: warning: {exc}; ignoring it", file=sys.stderr)
         saved = None
-    return saved["supervisor"] if saved else {}
+    return saved.supervisor._asdict() if saved else {}
 
 
 def runtime_sink(config: Config, recorded: dict[str, Any] | None = None) -> str:
@@ -440,5 +494,9 @@ def print_logs(
     flt = LogFilter(
         worker=worker, event=event, level=level, since=parse_since(since) if since else None
     )
+    from agent.output import flush, write
+
     for line in show_logs(config, flt, limit, follow, as_json):
-        print(line, flush=follow)
+        if not write(line, flush=follow):
+            return
+    flush()

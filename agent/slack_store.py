@@ -6,7 +6,9 @@
     state_dir/slack/<profile>/routes/<ts>.json           where the reply to message <ts> goes
         (the Slack channel and thread), removed once the reply is posted
 
-Every write is atomic (temp file, fsync, rename, fsync of the directory).
+Every write is atomic (temp file, fsync, rename, fsync of the directory) and 0640 at
+most; every read refuses a symlink (O_NOFOLLOW) and anything but a small regular file, so
+an entry planted here can neither redirect a write nor feed a read from outside.
 """
 
 import contextlib
@@ -20,6 +22,8 @@ from typing import Any
 
 from agent.fsutil import atomic_write_json
 
+FILE_MODE = 0o640
+MAX_STORE_BYTES = 4 * 1024 * 1024
 SEEN_LIMIT = 1000  # message ts remembered per channel for duplicate detection
 THREAD_LIMIT = 200  # threads per channel whose replies the bot listens to
 ROUTE_MAX_AGE = 14 * 86400  # routes of messages that never got a reply are pruned after this
@@ -30,6 +34,26 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 def safe_name(text: str) -> str:
     """A string usable as (part of) a file name."""
     return _SAFE.sub("_", text) or "_"
+
+
+def read_json(path: Path) -> Any:
+    """A store file's JSON; OSError when it is missing, a symlink or not a regular file,
+    ValueError when it is not JSON."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_mode & 0o170000 != 0o100000:
+            raise OSError(f"{path}: not a regular file")
+        data = os.read(fd, MAX_STORE_BYTES)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write_json(path, value, mode=FILE_MODE)
 
 
 def ts_key(ts: str) -> tuple[int, int]:
@@ -46,16 +70,16 @@ class ChannelCursor:
 
     def __init__(self, path: Path):
         self.path = path
-        data: dict[str, Any] = {}
+        data: Any = {}
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            pass
+            data = read_json(path)
         except (OSError, ValueError):
-            data = {}  # an unreadable cursor only costs a wider backfill
-        self.cursor: str | None = data.get("cursor")
-        self.seen: list[str] = list(data.get("seen") or [])
-        self.threads: list[str] = list(data.get("threads") or [])
+            data = {}  # missing or unreadable: it only costs a wider backfill
+        if not isinstance(data, dict):
+            data = {}
+        self.cursor: str | None = _str_or_none(data.get("cursor"))
+        self.seen: list[str] = _strings(data.get("seen"))
+        self.threads: list[str] = _strings(data.get("threads"))
         self._seen_set = set(self.seen)
         # While pinned (a backfill from this cursor is due or running) the cursor stays put:
         # moving past a message not fetched yet could lose it. `held` is where it may go.
@@ -103,9 +127,15 @@ class ChannelCursor:
         return False
 
     def save(self) -> None:
-        atomic_write_json(
-            self.path, {"cursor": self.cursor, "seen": self.seen, "threads": self.threads}
-        )
+        write_json(self.path, {"cursor": self.cursor, "seen": self.seen, "threads": self.threads})
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 class ProfileStore:
@@ -120,7 +150,7 @@ class ProfileStore:
 
     def prepare(self) -> None:
         for directory in (self.channels_dir, self.routes_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.prune_routes()
 
     def channel(self, channel: str) -> ChannelCursor:
@@ -153,16 +183,20 @@ class ProfileStore:
     # ---- reply routes
 
     def write_route(self, ts: str, channel: str, thread_ts: str) -> None:
-        atomic_write_json(
+        write_json(
             self.routes_dir / f"{safe_name(ts)}.json",
             {"channel": channel, "thread_ts": thread_ts, "created": time.time()},
         )
 
     def route(self, ts: str) -> dict[str, Any] | None:
         try:
-            return json.loads((self.routes_dir / f"{safe_name(ts)}.json").read_text())
+            route = read_json(self.routes_dir / f"{safe_name(ts)}.json")
         except (OSError, ValueError):
             return None
+        if not isinstance(route, dict):
+            return None
+        wanted = (route.get("channel"), route.get("thread_ts"))
+        return route if all(isinstance(v, str) for v in wanted) else None
 
     def drop_route(self, ts: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -6,64 +6,63 @@
 - a supervisor whose own loop stopped updating the state file is degraded too.
 """
 
+import sys
 import time
 from typing import Any
 
 from agent import errors
 from agent.clock import parse_iso
 from agent.config import Config
+from agent.health import is_hung, supervisor_health
 from agent.lock import probe
-from agent.state import UnreadableState, read_state
-from agent.states import ALIVE_STATES, LIVE_PHASES, UNHEALTHY_STATES, WorkerState
+from agent.state import PreviousRun, StateRecord, SupervisorRecord, UnreadableState, read_state
+from agent.states import ALIVE_STATES, LIVE_PHASES, WorkerState
 
 STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state file counts
 
 
 def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    lock = probe(config.lock_path)
-    try:
-        saved = read_state(config.state_path)
-        unreadable = None
-    except UnreadableState as exc:
-        saved, unreadable = None, str(exc)
-    sup = dict(saved["supervisor"]) if saved else {}
-    workers = [dict(w) for w in saved["workers"]] if saved else []
-    if lock.held and sup.get("pid") not in (None, lock.pid):
+    saved, unreadable = _saved_state(config)
+    sup = saved.supervisor
+    lock = probe(config.lock_path, claimed_pid=sup.pid)  # shown, never signalled
+    workers = [w._asdict() for w in saved.workers]
+    if lock.held and lock.pid is not None and sup.pid not in (None, lock.pid):
         # A new supervisor holds the lock but has not written its state yet: the file is
         # the previous run's, and says nothing about this one.
-        sup = {"phase": "starting", "previous_run": {"pid": sup.get("pid")}}
+        sup = SupervisorRecord(phase="starting", previous_run=PreviousRun(pid=sup.pid))
         workers = []
-    hang_timeout = sup.get("hang_timeout") or config.supervisor.hang_timeout
+    hang_timeout = sup.hang_timeout or config.supervisor.hang_timeout
 
-    state = _supervisor_state(lock.held, sup.get("phase"))
+    state = _supervisor_state(lock.held, sup.phase)
     for worker in workers:
         _derive_worker(worker, state == "running", now, hang_timeout)
-    last_error = unreadable or sup.get("last_error")
-    stale = _state_file_age(sup, now) if state == "running" else None
-    if stale is not None and stale > hang_timeout + STATE_STALE_MARGIN:
-        last_error = f"supervisor has not updated its state for {stale:.0f}s"
+    last_error = unreadable or sup.last_error
+    problems = [unreadable, sup.last_error]
+    if state == "running":
+        problems += [lock.problem, sup.degraded, _stale(sup, now, hang_timeout)]
+        last_error = next((p for p in problems if p), None)
     health = None
     if state == "running":
-        unhealthy = any(w["state"] in UNHEALTHY_STATES or _degraded(w) for w in workers)
-        health = "degraded" if unhealthy or last_error or unreadable else "healthy"
+        health = supervisor_health([(w["state"], w["detail"]) for w in workers], problems)
 
     report = {
         "supervisor": {
             "state": state,
             "health": health,
-            "pid": lock.pid if lock.held else sup.get("pid"),
-            "started_at": sup.get("started_at"),
+            "pid": lock.pid if lock.held else sup.pid,
+            "started_at": sup.started_at,
             "uptime_s": _uptime(sup, now) if state == "running" else None,
-            "phase": sup.get("phase") if state == "running" else None,
-            "manager": sup.get("manager"),
-            "config": sup.get("config") or (str(config.path) if config.path else None),
+            "phase": sup.phase if state == "running" else None,
+            "manager": sup.manager,
+            "config": sup.config or (str(config.path) if config.path else None),
             "state_dir": str(config.state_dir),
-            "log_sink": sup.get("log_sink"),
+            "log_sink": sup.log_sink,
             "last_error": last_error,
             "outcome": _outcome(state, sup),
-            "stopped_at": sup.get("stopped_at"),
-            "previous_run": sup.get("previous_run"),
+            "stopped_at": sup.stopped_at,
+            "previous_run": _previous(sup.previous_run),
+            "unreadable_state": unreadable,
         },
         "workers": [_ordered(w, WORKER_KEYS) for w in workers],
     }
@@ -72,17 +71,31 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     return merge_unit_facts(report, config)
 
 
+def _saved_state(config: Config) -> tuple[StateRecord, str | None]:
+    """The saved state (empty when there is none) and, when it is unusable, why."""
+    try:
+        saved = read_state(config.state_path)
+    except UnreadableState as exc:
+        return StateRecord(SupervisorRecord()), str(exc)
+    return saved or StateRecord(SupervisorRecord()), None
+
+
+def _previous(previous: PreviousRun | None) -> dict[str, Any] | None:
+    return previous._asdict() if previous is not None else None
+
+
+def _stale(sup: SupervisorRecord, now: float, hang_timeout: float) -> str | None:
+    stale = _state_file_age(sup, now)
+    if stale is not None and stale > hang_timeout + STATE_STALE_MARGIN:
+        return f"supervisor has not updated its state for {stale:.0f}s"
+    return None
+
+
 WORKER_KEYS = ("name", "state", "last_heartbeat", "heartbeat_age_s", "restarts", "last_error")
 
 
 def _ordered(record: dict[str, Any], first: tuple[str, ...]) -> dict[str, Any]:
     return {**{k: record.get(k) for k in first}, **record}
-
-
-def _degraded(worker: dict[str, Any]) -> bool:
-    """A running worker may say it is degraded: a truthy `degraded` reason in its detail."""
-    detail = worker.get("detail") or {}
-    return worker["state"] == WorkerState.RUNNING and bool(detail.get("degraded"))
 
 
 def _supervisor_state(lock_held: bool, phase: str | None) -> str:
@@ -104,26 +117,24 @@ def _derive_worker(
             worker["state"] = str(WorkerState.STOPPED)  # its process is gone
         worker["heartbeat_age_s"] = None
         return
-    if worker["state"] == WorkerState.RUNNING and age is not None and age > hang_timeout:
+    if is_hung(worker["state"], age, hang_timeout):
         worker["state"] = str(WorkerState.HUNG)
         worker["last_error"] = f"no heartbeat for {age:.1f}s"
 
 
-def _state_file_age(sup: dict[str, Any], now: float) -> float | None:
-    updated = sup.get("updated_at")
-    return max(now - parse_iso(updated), 0.0) if updated else None
+def _state_file_age(sup: SupervisorRecord, now: float) -> float | None:
+    return max(now - parse_iso(sup.updated_at), 0.0) if sup.updated_at else None
 
 
-def _uptime(sup: dict[str, Any], now: float) -> float | None:
-    started = sup.get("started_at")
-    return round(now - parse_iso(started), 1) if started else None
+def _uptime(sup: SupervisorRecord, now: float) -> float | None:
+    return round(now - parse_iso(sup.started_at), 1) if sup.started_at else None
 
 
-def _outcome(state: str, sup: dict[str, Any]) -> str | None:
+def _outcome(state: str, sup: SupervisorRecord) -> str | None:
     if state == "crashed":
         return "crashed"
     if state == "stopped":
-        return sup.get("outcome")
+        return sup.outcome
     return None
 
 
@@ -235,10 +246,15 @@ def _duration(seconds: float) -> str:
 def print_status(config: Config, as_json: bool) -> int:
     """Print the report (human or JSON) and return the documented exit code."""
     report = collect_status(config)
+    unreadable = report["supervisor"].get("unreadable_state")
+    if unreadable:
+        print(f"agentctl: warning: {unreadable}; ignoring it", file=sys.stderr)
+    from agent.output import flush, write
+
     if as_json:
         import json
 
-        print(json.dumps(report, indent=2))
+        write(json.dumps(report, indent=2)) and flush()
     else:
-        print(render_status(report))
+        write(render_status(report)) and flush()
     return status_exit_code(report)

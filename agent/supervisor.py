@@ -17,7 +17,6 @@ import queue
 import signal
 import time
 import traceback
-from typing import Any
 
 from agent import errors
 from agent.agentenv import prepare_agents
@@ -25,11 +24,21 @@ from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.faults import ENV_VAR, parse_faults
+from agent.health import degraded_reason, is_hung, status_line, supervisor_health
 from agent.lock import SupervisorLock
 from agent.log import event, shutdown_logging
 from agent.notify import Notifier
-from agent.state import Outcome, UnreadableState, read_state, write_state
-from agent.states import LIVE_PHASES, UNHEALTHY_STATES, Phase, WorkerState, check_phase_transition
+from agent.state import (
+    Outcome,
+    PreviousRun,
+    StateRecord,
+    SupervisorRecord,
+    UnreadableState,
+    WorkerRecord,
+    read_state,
+    write_state,
+)
+from agent.states import LIVE_PHASES, Phase, WorkerState, check_phase_transition
 from agent.worker import DisabledWorker, RestartPolicy, WorkerRunner
 from agent.workers import WORKER_NAMES, build_workers
 
@@ -59,7 +68,8 @@ class Supervisor:
         self.phase = Phase.STARTING
         self.outcome = Outcome.RUNNING
         self.last_error: str | None = None
-        self.previous_run: dict[str, Any] | None = None
+        self.problem: str | None = None  # the supervisor's own reason to be degraded
+        self.previous_run: PreviousRun | None = None
         self.started_at = time.time()
         self.runners: list[WorkerRunner] = []
         self.disabled: list[DisabledWorker] = []
@@ -110,7 +120,7 @@ class Supervisor:
 
     def _run_locked(self) -> int:
         self._install_signal_handlers()
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.previous_run = self._inspect_previous_run()
         self._write_pidfile()
         event(
@@ -121,6 +131,7 @@ class Supervisor:
             manager=self.manager,
             faults=",".join(f"{w}:{k}" for w, k in self.faults.items()) or None,
         )
+        self._warn_loose_secrets()
         self._build_runners()
         write_state(self.config.state_path, self.snapshot())  # at start, failing here is fatal
         for runner in self.runners:
@@ -174,12 +185,24 @@ class Supervisor:
         )
 
     def _tick(self) -> None:
+        self._check_lock()
         now = time.monotonic()
         for runner in self.runners:
             runner.check_heartbeat(now, self.config.supervisor.hang_timeout)
         self._ping_watchdog(now)
         self._update_status_line()
         self._flush_state()
+
+    def _check_lock(self) -> None:
+        """Say so when agent.lock no longer names our lock (deleted or replaced): degraded."""
+        lost = self.lock.lost()
+        if lost == self.problem:
+            return
+        self.problem = lost
+        if lost:
+            event("supervisor.lock_lost", lost, level=logging.ERROR, path=str(self.lock.path))
+        else:
+            event("supervisor.lock_restored", f"{self.lock.path} names our lock again")
 
     # ---- shutdown
 
@@ -305,7 +328,7 @@ class Supervisor:
         for runner in self.runners:
             if runner.state == WorkerState.HUNG:
                 return False
-            if runner.state == WorkerState.RUNNING and runner.heartbeat_age(now) > limit:
+            if is_hung(runner.state, runner.heartbeat_age(now), limit):
                 return False
         return True
 
@@ -317,21 +340,20 @@ class Supervisor:
             self.notifier.watchdog()
             self._last_watchdog = now
 
-    def healthy(self) -> bool:
-        if self.state_error is not None:
-            return False
-        return not any(r.state in UNHEALTHY_STATES or r.degraded() for r in self.runners)
+    def health(self) -> str:
+        """healthy or degraded, by the rules `agentctl status` applies too (agent.health)."""
+        workers = [(r.state, r.health_detail()) for r in self.runners]
+        return supervisor_health(workers, [self.problem, self.state_error])
 
     def _status_line(self) -> str:
-        """STATUS= text: `healthy: a=running b=running` or `degraded (why): ...`."""
-        workers = " ".join(f"{r.name}={r.state}" for r in self.runners)
-        if self.healthy():
-            return f"healthy: {workers}"
-        reasons = [f"{r.name}: {why}" for r in self.runners if (why := r.degraded())]
-        if self.state_error is not None:
-            reasons.insert(0, self.state_error)
-        why = f" ({'; '.join(reasons)[:300]})" if reasons else ""
-        return f"degraded{why}: {workers}"
+        """STATUS=: health, name=state per worker, then why it is degraded, if it is."""
+        workers = [(r.name, str(r.state)) for r in self.runners]
+        reasons = [p for p in (self.problem, self.state_error) if p]
+        for runner in self.runners:
+            why = degraded_reason(runner.state, runner.health_detail())
+            if why:
+                reasons.append(f"{runner.name}: {why}")
+        return status_line(self.health(), workers, "; ".join(reasons)[:400] or None)
 
     def _update_status_line(self) -> None:
         line = self._status_line()
@@ -364,35 +386,34 @@ class Supervisor:
             event("supervisor.state.error", error, level=logging.ERROR, error=error)
         self.state_error = error
 
-    def snapshot(self) -> dict[str, Any]:
-        workers = [r.snapshot() for r in self.runners] + [d.snapshot() for d in self.disabled]
+    def snapshot(self) -> StateRecord:
+        snaps = [r.snapshot() for r in self.runners] + [d.snapshot() for d in self.disabled]
         order = {name: i for i, name in enumerate(WORKER_NAMES)}
-        workers.sort(key=lambda w: order.get(w["name"], len(order)))
-        return {
-            "supervisor": {
-                "pid": os.getpid(),
-                "phase": str(self.phase),
-                "outcome": self.outcome,
-                "started_at": iso_utc(self.started_at),
-                "updated_at": iso_utc(),
-                "stopped_at": iso_utc() if self.phase == Phase.STOPPED else None,
-                "manager": self.manager,
-                "config": str(self.config.path) if self.config.path else None,
-                "state_dir": str(self.config.state_dir),
-                "log_sink": self.log_sink,
-                "hang_timeout": self.config.supervisor.hang_timeout,
-                "stop_timeout": self.config.supervisor.stop_timeout,
-                "last_error": self.last_error,
-                "previous_run": self.previous_run,
-            },
-            "workers": workers,
-        }
+        snaps.sort(key=lambda w: order.get(w["name"], len(order)))
+        supervisor = SupervisorRecord(
+            pid=os.getpid(),
+            phase=str(self.phase),
+            outcome=self.outcome,
+            started_at=iso_utc(self.started_at),
+            updated_at=iso_utc(),
+            stopped_at=iso_utc() if self.phase == Phase.STOPPED else None,
+            manager=self.manager,
+            config=str(self.config.path) if self.config.path else None,
+            state_dir=str(self.config.state_dir),
+            log_sink=self.log_sink,
+            hang_timeout=self.config.supervisor.hang_timeout,
+            stop_timeout=self.config.supervisor.stop_timeout,
+            last_error=self.last_error,
+            degraded=self.problem,
+            previous_run=self.previous_run,
+        )
+        return StateRecord(supervisor, tuple(WorkerRecord(**w) for w in snaps))
 
     def _move(self, new: Phase) -> None:
         check_phase_transition(self.phase, new)
         self.phase = new
 
-    def _inspect_previous_run(self) -> dict[str, Any] | None:
+    def _inspect_previous_run(self) -> PreviousRun | None:
         """A previous run that never recorded its end crashed; say so once, deterministically."""
         try:
             previous = read_state(self.config.state_path)
@@ -405,26 +426,43 @@ class Supervisor:
             return None
         if previous is None:
             return None
-        old = previous["supervisor"]
-        outcome = old.get("outcome")
-        if old.get("phase") in LIVE_PHASES:
+        old = previous.supervisor
+        outcome = old.outcome
+        if old.phase in LIVE_PHASES:
             outcome = Outcome.CRASHED
             event(
                 "supervisor.stale_state",
-                f"previous supervisor (pid {old.get('pid')}) ended without recording it; "
+                f"previous supervisor (pid {old.pid}) ended without recording it; "
                 "treating it as crashed",
                 level=logging.WARNING,
-                previous_pid=old.get("pid"),
+                previous_pid=old.pid,
             )
-        return {
-            "pid": old.get("pid"),
-            "started_at": old.get("started_at"),
-            "stopped_at": old.get("stopped_at") or old.get("updated_at"),
-            "outcome": outcome,
-            "last_error": old.get("last_error"),
-        }
+        return PreviousRun(
+            pid=old.pid,
+            started_at=old.started_at,
+            stopped_at=old.stopped_at or old.updated_at,
+            outcome=outcome,
+            last_error=old.last_error,
+        )
 
     def _write_pidfile(self) -> None:
         """A conventional pid file in RuntimeDirectory=, for tools; truth stays in the lock."""
         if self.config.runtime_dir is not None:
-            (self.config.runtime_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+            from agent.fsutil import atomic_write_bytes  # replaces a symlink, never follows it
+
+            atomic_write_bytes(self.config.runtime_dir / "agent.pid", f"{os.getpid()}\n".encode())
+
+    def _warn_loose_secrets(self) -> None:
+        """A Slack token file its group or the world may read: a warning event at start."""
+        if not self.config.slack.enabled:
+            return
+        from agent.slack_link import resolve_token_path
+        from agent.trust import loose_secret_files
+
+        paths = [
+            resolve_token_path(name)
+            for profile in self.config.slack.profiles.values()
+            for name in (profile.bot_token_file, profile.app_token_file)
+        ]
+        for problem in loose_secret_files(paths):
+            event("supervisor.insecure_file", problem, level=logging.WARNING)

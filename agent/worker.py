@@ -24,6 +24,7 @@ from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import SupervisorConfig
 from agent.faults import InjectedFault
+from agent.health import initialize_overdue, is_degraded, is_hung
 from agent.log import event
 from agent.states import ALIVE_STATES, WorkerState, check_worker_transition
 
@@ -155,9 +156,9 @@ class WorkerRunner:
         takes longer than hang_timeout; hung -> running when the worker shows life again."""
         age = self.heartbeat_age(now)
         with self._lock:
-            if self.state == WorkerState.RUNNING and age > hang_timeout:
+            if is_hung(self.state, age, hang_timeout):
                 self._become_hung(f"no heartbeat for {age:.1f}s", heartbeat_age_s=round(age, 1))
-            elif self.state == WorkerState.STARTING and now - self._state_since > hang_timeout:
+            elif initialize_overdue(self.state, now - self._state_since, hang_timeout):
                 waited = now - self._state_since
                 self._become_hung(
                     f"initialize has not finished after {waited:.1f}s",
@@ -188,11 +189,13 @@ class WorkerRunner:
             **fields,
         )
 
-    def degraded(self) -> str | None:
-        """The `degraded` reason a running worker's health() gives, or None."""
-        if self.state != WorkerState.RUNNING:
-            return None
-        return self._health_detail().get("degraded") or None
+    def degraded(self) -> bool:
+        """A running worker whose health() carries a truthy `degraded` reason."""
+        return is_degraded(self.state, self._health_detail())
+
+    def health_detail(self) -> dict[str, Any]:
+        """What the worker says about itself now (empty unless it is alive)."""
+        return self._health_detail()
 
     def mark_shutdown_timeout(self) -> bool:
         """Record that this worker did not stop in time; False if it just managed to."""

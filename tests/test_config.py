@@ -75,7 +75,8 @@ agent = "default"
     [
         (
             "[supervisor]\nstop_timeout = 'ten'\n",
-            "[supervisor] stop_timeout: expected a number of seconds > 0, got 'ten' (string)",
+            "[supervisor] stop_timeout: expected a number of seconds from 0.1 to 3600, got 'ten' "
+            "(string)",
         ),
         ("[supervisor]\nstop_timeout = -1\n", "[supervisor] stop_timeout: expected a number"),
         (
@@ -114,7 +115,7 @@ def test_missing_explicit_config_is_an_error(tmp_path):
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_non_finite_seconds_are_refused(tmp_path, value):
     path = write(tmp_path, f"[supervisor]\nstop_timeout = {value}\n")
-    with pytest.raises(ConfigError, match="stop_timeout: expected a number of seconds > 0"):
+    with pytest.raises(ConfigError, match="stop_timeout: expected a number of seconds from"):
         load_config(path, env={})
 
 
@@ -123,3 +124,30 @@ def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path):
     path.write_bytes(b"state_dir = '\xff'\n")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_config(str(path), env={})
+
+
+BOUNDS = [
+    ("supervisor", "stop_timeout", 0.05, 3601, "a number of seconds from 0.1 to 3600"),
+    ("supervisor", "hang_timeout", 0.5, 3601, "a number of seconds from 1 to 3600"),
+    ("supervisor", "restart_backoff", 0.001, 3601, "a number of seconds from 0.01 to 3600"),
+    ("supervisor", "restart_backoff_max", 0, 86401, "a number of seconds from 0.01 to 86400"),
+    ("supervisor", "restart_window", 0.5, 86401, "a number of seconds from 1 to 86400"),
+    ("dispatcher", "concurrency", 0, 257, "a whole number from 1 to 256"),
+    ("dispatcher", "max_attempts", 0, 101, "a whole number from 1 to 100"),
+    ("dispatcher", "retry_backoff", 0, 3601, "a number of seconds from 0.01 to 3600"),
+    ("dispatcher", "retry_backoff_max", 0, 1e300, "a number of seconds from 0.01 to 86400"),
+    ("heartbeat", "interval", 0.01, 604801, "0 (disabled) or a number of seconds from 0.1"),
+    ("agents.a", "timeout", 0.01, 86401, "a number of seconds from 0.1 to 86400"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high", "expect"), BOUNDS)
+def test_settings_have_sane_lower_and_upper_bounds(tmp_path, section, key, low, high, expect):
+    command = "command = ['cat']\n" if section.startswith("agents") else ""
+    for value in (low, high):
+        path = write(tmp_path, f"[{section}]\n{command}{key} = {value!r}\n")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env={})
+        message = str(caught.value)
+        assert message.startswith(f"{path}: [{section}] {key}: expected {expect}"), message
+        assert caught.value.exit_code == 78

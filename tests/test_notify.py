@@ -143,3 +143,33 @@ def _state(pid: int) -> str:
             return handle.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def _last_status(listener: NotifyListener) -> str:
+    statuses = [m for m in listener.poll() if m.startswith("STATUS=")]
+    return statuses[-1] if statuses else ""
+
+
+@pytest.mark.parametrize("cause", ["none", "queue:crash", "dispatcher:hang", "lock_lost"])
+def test_status_line_and_agentctl_status_never_disagree_on_health(agent_env, tmp_path, cause):
+    listener = NotifyListener(tmp_path / "notify")
+    fault = {"AGENT_FAULT_INJECT": cause} if ":" in cause else {}
+    proc = run_supervisor(agent_env, tmp_path / "notify", **fault)
+    try:
+        wait_for(lambda: "READY=1" in listener.poll(), what="READY=1")
+        if cause == "lock_lost":
+            (agent_env.state_dir / "agent.lock").unlink()
+        expected = "healthy" if cause == "none" else "degraded"
+        wait_for(
+            lambda: _last_status(listener).startswith(f"STATUS={expected}: "),
+            what=f"STATUS={expected}",
+        )
+        code, report = agent_env.status()
+        assert report["supervisor"]["health"] == expected, report["supervisor"]
+        assert code == (0 if expected == "healthy" else 2)
+        if cause == "lock_lost":
+            assert "no longer names" in _last_status(listener)
+            assert "no longer names" in report["supervisor"]["last_error"]
+    finally:
+        proc.kill()
+        proc.wait()
