@@ -12,6 +12,7 @@ The death signal is tied to the thread that forked the child (the run's own thre
 lives exactly as long as the run.
 """
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -158,6 +159,10 @@ class _Pipes:
         self.stdout, self.stdin = proc.stdout, proc.stdin
 
     @property
+    def open(self) -> bool:
+        return bool(self.selector.get_map())
+
+    @property
     def reading(self) -> bool:
         return any(k.events & selectors.EVENT_READ for k in self.selector.get_map().values())
 
@@ -231,7 +236,7 @@ def _communicate(
                 # (a helper may still hold stdout: the agent's exit is what counts)
                 result = RunOutput(proc.returncode, bytes(pipes.out), bytes(pipes.err))
             else:
-                pipes.pump(min(POLL_SECONDS, deadline - now))
+                _wait_for_output_or_exit(proc, pipes, min(POLL_SECONDS, deadline - now))
                 if exited_at is None and proc.poll() is not None:
                     exited_at = _now()
     finally:
@@ -239,6 +244,14 @@ def _communicate(
         children.kill_group(proc)  # helpers left in the run's group die with it
         proc.wait()
     return result
+
+
+def _wait_for_output_or_exit(proc: subprocess.Popen, pipes: _Pipes, timeout: float) -> None:
+    if pipes.open:
+        pipes.pump(timeout)
+    else:  # every pipe is closed: nothing to select on, only the exit to wait for
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
 
 
 def _now() -> float:

@@ -20,11 +20,17 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(
-    path: Path, data: bytes, mode: int = 0o644, times_ns: tuple[int, int] | None = None
+    path: Path,
+    data: bytes,
+    mode: int = 0o644,
+    times_ns: tuple[int, int] | None = None,
+    durable: bool = True,
 ) -> None:
     """Readers see the old content or the new, never a mix; the new survives a crash.
 
     times_ns, (atime, mtime) in nanoseconds, keeps a file's place in an mtime-ordered queue.
+    durable=False skips the fsyncs: for a file worth nothing after a crash (a heartbeat),
+    so that rewriting it often costs no disk write of its own.
     """
     import tempfile  # here, not at the top: `agentctl status` reads state but never writes
 
@@ -35,14 +41,16 @@ def atomic_write_bytes(
             handle.flush()
             if times_ns is not None:
                 os.utime(handle.fileno(), ns=times_ns)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:

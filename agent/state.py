@@ -71,6 +71,7 @@ class SupervisorRecord(NamedTuple):
     last_error: str | None = None
     degraded: str | None = None  # the supervisor's own reason to be degraded (lock lost)
     previous_run: PreviousRun | None = None
+    pulse_file: str | None = None  # where the liveness pulse is (see Pulse)
 
 
 class WorkerRecord(NamedTuple):
@@ -82,6 +83,17 @@ class WorkerRecord(NamedTuple):
     fault: str | None = None
     gave_up: bool = False
     detail: dict[str, Any] = {}
+
+
+class Pulse(NamedTuple):
+    """Proof of life, rewritten every second without fsync (pulse.json, in the runtime
+    directory when there is one: a tmpfs, so an idle supervisor writes nothing to disk).
+    state.json itself is rewritten only when something in it changes; `status` takes the
+    newer of the two times. Worth nothing after a crash, and never trusted beyond that."""
+
+    pid: int
+    updated_at: str
+    heartbeats: dict[str, str]  # worker name -> its last heartbeat
 
 
 class StateRecord(NamedTuple):
@@ -193,6 +205,7 @@ def _supervisor(raw: dict[str, Any]) -> SupervisorRecord:
         last_error=_text(raw, where, "last_error"),
         degraded=_text(raw, where, "degraded"),
         previous_run=None if previous is None else _previous(_table(raw, "previous_run")),
+        pulse_file=_text(raw, where, "pulse_file"),
     )
 
 
@@ -330,3 +343,42 @@ def record_killed(path: Path, reason: str, stopped_at: str) -> None:
         phase="stopped", outcome=Outcome.KILLED, last_error=reason, stopped_at=stopped_at
     )
     write_state(path, saved._replace(supervisor=sup))
+
+
+# ---- the pulse
+
+MAX_PULSE_BYTES = 64 * 1024
+
+
+def write_pulse(path: Path, pulse: Pulse) -> None:
+    from agent.fsutil import atomic_write_bytes
+
+    data = json.dumps(pulse._asdict(), sort_keys=True).encode()
+    atomic_write_bytes(path, data, mode=FILE_MODE, durable=False)
+
+
+def read_pulse(path: Path) -> Pulse | None:
+    """The pulse, or None when it is missing or not what write_pulse writes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, MAX_PULSE_BYTES + 1) if _is_regular(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        raw = json.loads(data, parse_constant=_no_constants)
+        if not isinstance(raw, dict):
+            return None
+        where = "pulse"
+        pid, updated = _pid(raw, where), _time(raw, where, "updated_at")
+        beats = raw["heartbeats"]
+        if pid is None or updated is None or not isinstance(beats, dict):
+            return None
+        times = {name: _time(beats, where, name) for name in beats}
+        return Pulse(pid, updated, {name: t for name, t in times.items() if t})
+    except (ValueError, RecursionError, _Wrong, TypeError, KeyError):
+        return None

@@ -8,6 +8,7 @@
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import errors
@@ -15,7 +16,14 @@ from agent.clock import parse_iso
 from agent.config import Config
 from agent.health import is_hung, supervisor_health
 from agent.lock import probe
-from agent.state import PreviousRun, StateRecord, SupervisorRecord, UnreadableState, read_state
+from agent.state import (
+    PreviousRun,
+    StateRecord,
+    SupervisorRecord,
+    UnreadableState,
+    read_pulse,
+    read_state,
+)
 from agent.states import ALIVE_STATES, LIVE_PHASES, WorkerState
 
 STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state file counts
@@ -24,6 +32,7 @@ STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state fi
 def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     saved, unreadable = _saved_state(config)
+    saved = _with_pulse(saved)
     sup = saved.supervisor
     lock = probe(config.lock_path, claimed_pid=sup.pid)  # shown, never signalled
     workers = [w._asdict() for w in saved.workers]
@@ -78,6 +87,26 @@ def _saved_state(config: Config) -> tuple[StateRecord, str | None]:
     except UnreadableState as exc:
         return StateRecord(SupervisorRecord()), str(exc)
     return saved or StateRecord(SupervisorRecord()), None
+
+
+def _with_pulse(saved: StateRecord) -> StateRecord:
+    """The saved state with the newer times of its supervisor's pulse (agent.state.Pulse)."""
+    sup = saved.supervisor
+    pulse = read_pulse(Path(sup.pulse_file)) if sup.pulse_file else None
+    if pulse is None or pulse.pid != sup.pid:
+        return saved
+    workers = tuple(
+        w._replace(last_heartbeat=_newer(w.last_heartbeat, pulse.heartbeats.get(w.name)))
+        for w in saved.workers
+    )
+    sup = sup._replace(updated_at=_newer(sup.updated_at, pulse.updated_at))
+    return StateRecord(sup, workers)
+
+
+def _newer(saved: str | None, pulsed: str | None) -> str | None:
+    if saved is None or pulsed is None:
+        return saved or pulsed
+    return pulsed if parse_iso(pulsed) > parse_iso(saved) else saved
 
 
 def _previous(previous: PreviousRun | None) -> dict[str, Any] | None:

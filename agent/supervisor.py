@@ -31,11 +31,13 @@ from agent.notify import Notifier
 from agent.state import (
     Outcome,
     PreviousRun,
+    Pulse,
     StateRecord,
     SupervisorRecord,
     UnreadableState,
     WorkerRecord,
     read_state,
+    write_pulse,
     write_state,
 )
 from agent.states import LIVE_PHASES, Phase, WorkerState, check_phase_transition
@@ -44,6 +46,7 @@ from agent.workers import WORKER_NAMES, build_workers
 
 TICK_SECONDS = 0.5
 STATE_FLUSH_SECONDS = 1.0
+PULSE_FILE = "pulse.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Signals whose default action would end the supervisor silently: each is logged and
 # otherwise ignored (SIGHUP will mean reload once reload exists). SIGPIPE is ignored
@@ -75,6 +78,9 @@ class Supervisor:
         self.disabled: list[DisabledWorker] = []
         self._last_flush = 0.0
         self.state_error: str | None = None  # the state file cannot be written (disk)
+        self._last_written: StateRecord | None = None  # without its times (_without_times)
+        self._state_identity: tuple[int, ...] | None = None
+        self.pulse_path = (config.runtime_dir or config.state_dir) / PULSE_FILE
         self._last_watchdog = 0.0
         self._last_status = ""
 
@@ -363,13 +369,21 @@ class Supervisor:
             self._flush_state(force=True)
 
     def _flush_state(self, force: bool = False) -> None:
-        """Write the state file; a full or failing disk makes us degraded, never dead."""
+        """Once a second: the pulse (no fsync), and state.json only when something in it
+        changed, so an idle supervisor writes nothing to disk. A full or failing disk makes
+        us degraded, never dead."""
         now = time.monotonic()
         if not force and now - self._last_flush < STATE_FLUSH_SECONDS:
             return
         self._last_flush = now
+        record = self.snapshot()
+        settled = _without_times(record)
         try:
-            write_state(self.config.state_path, self.snapshot())
+            if force or settled != self._last_written or not self._state_file_is_ours():
+                write_state(self.config.state_path, record)
+                self._last_written = settled
+                self._state_identity = _identity(os.lstat(self.config.state_path))
+            write_pulse(self.pulse_path, _pulse_of(record))
         except OSError as exc:
             self._state_write_failed(exc)
             return
@@ -379,6 +393,13 @@ class Supervisor:
                 f"the state file is written again ({self.config.state_path})",
             )
             self.state_error = None
+
+    def _state_file_is_ours(self) -> bool:
+        """state.json is still the file we last wrote (not removed, replaced or a symlink)."""
+        try:
+            return _identity(os.lstat(self.config.state_path)) == self._state_identity
+        except OSError:
+            return False
 
     def _state_write_failed(self, exc: OSError) -> None:
         error = f"cannot write {self.config.state_path}: {exc.strerror or exc}"
@@ -406,6 +427,7 @@ class Supervisor:
             last_error=self.last_error,
             degraded=self.problem,
             previous_run=self.previous_run,
+            pulse_file=str(self.pulse_path),
         )
         return StateRecord(supervisor, tuple(WorkerRecord(**w) for w in snaps))
 
@@ -466,3 +488,20 @@ class Supervisor:
         ]
         for problem in loose_secret_files(paths):
             event("supervisor.insecure_file", problem, level=logging.WARNING)
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    """Tells our file from a symlink or another file that reuses its inode number."""
+    return (info.st_mode, info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+
+
+def _without_times(record: StateRecord) -> StateRecord:
+    """What must reach state.json: the record less the times the pulse carries."""
+    workers = tuple(w._replace(last_heartbeat=None) for w in record.workers)
+    return StateRecord(record.supervisor._replace(updated_at=None), workers)
+
+
+def _pulse_of(record: StateRecord) -> Pulse:
+    sup = record.supervisor
+    beats = {w.name: w.last_heartbeat for w in record.workers if w.last_heartbeat}
+    return Pulse(sup.pid or os.getpid(), sup.updated_at or iso_utc(), beats)

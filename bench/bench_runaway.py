@@ -79,24 +79,42 @@ def runaway(messages: int) -> None:
     print(f"  reason recorded: {reason}")
 
 
-def idle(seconds: float) -> None:
-    root = Path(tempfile.mkdtemp(prefix="agent-bench-idle-"))
+def idle(seconds: float, runtime_dir: Path | None) -> None:
+    """What an idle supervisor writes: state.json replacements, bytes sent to the disk
+    (/proc/PID/io write_bytes), and its write calls (the pulse)."""
+    root = Path(tempfile.mkdtemp(prefix="agent-bench-idle-", dir="/var/tmp"))
     env = setup(root, '[agents.default]\ncommand = ["cat"]\n')
+    where = "state_dir (standalone)"
+    if runtime_dir is not None:
+        env["RUNTIME_DIRECTORY"] = str(runtime_dir)  # as systemd's RuntimeDirectory=
+        where = f"{runtime_dir} (tmpfs, as under systemd)"
     pid = start(env)
+    state = root / "state" / "state.json"
     try:
         time.sleep(2)  # past start-up
-        before = (proc_field(pid, "wchar:", "io"), proc_field(pid, "syscw:", "io"))
-        time.sleep(seconds)
-        after = (proc_field(pid, "wchar:", "io"), proc_field(pid, "syscw:", "io"))
+        inode, io = state.stat().st_ino, _io(pid)
+        replaced = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            if state.stat().st_ino != inode:
+                replaced, inode = replaced + 1, state.stat().st_ino
+        after = _io(pid)
     finally:
         agentctl(env, "stop")
     per_minute = 60 / seconds
-    wrote = (after[0] - before[0]) * per_minute
-    calls = (after[1] - before[1]) * per_minute
+    disk = (after["write_bytes"] - io["write_bytes"]) * per_minute
+    calls = (after["syscw"] - io["syscw"]) * per_minute
     print(
-        f"idle: {wrote:.0f} bytes in {calls:.0f} write calls per minute "
-        f"(over {seconds:g} s; goal: none when nothing changed)"
+        f"idle, pulse in {where}: state.json replaced {replaced * per_minute:.0f} times/min, "
+        f"{disk:.0f} bytes/min to the disk, {calls:.0f} write calls/min "
+        f"(goal: no disk writes when nothing changed)"
     )
+
+
+def _io(pid: int) -> dict[str, int]:
+    lines = Path(f"/proc/{pid}/io").read_text().splitlines()
+    return {k: int(v) for k, v in (line.split(": ") for line in lines)}
 
 
 def main() -> int:
@@ -105,7 +123,9 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     args = parser.parse_args()
     runaway(args.messages)
-    idle(args.idle_seconds)
+    idle(args.idle_seconds, None)
+    shm = Path(tempfile.mkdtemp(prefix="agent-bench-run-", dir="/dev/shm"))
+    idle(args.idle_seconds, shm)
     return 0
 
 

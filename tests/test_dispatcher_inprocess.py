@@ -91,7 +91,8 @@ def test_dispatcher_crash_requeues_its_unfinished_work_in_order(config, runners)
     runners(QueueWorker(config, handoff))
     wait_for(lambda: len(os.listdir(queue.outgoing)) == 20, what="all 20 replies")
     assert d_runner.restarts == 1
-    assert os.listdir(queue.processing) == []
+    # (the reply is written before its claim is removed: wait for the last removal)
+    wait_for(lambda: os.listdir(queue.processing) == [], what="processing/ empty")
     wait_for(lambda: handoff.room() == handoff.limit, what="nothing outstanding")
     moments = [os.stat(queue.outgoing / f"local_m{i}.json").st_mtime_ns for i in range(20)]
     assert moments == sorted(moments)

@@ -1,5 +1,6 @@
 """status derives its verdict from live evidence: the lock, the clock, the saved state."""
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from agent.config import load_config
 from agent.lock import SupervisorLock
 from agent.state import write_state
 from agent.status import collect_status, render_status, status_exit_code
+from tests.helpers import wait_for
 
 NOW = parse_iso("2026-11-24T07:00:10.000Z")
 
@@ -172,3 +174,40 @@ def test_a_new_holder_does_not_inherit_the_previous_runs_state(config, held):
     assert report["supervisor"]["phase"] == "starting"
     assert report["workers"] == []
     assert status_exit_code(report) == 0
+
+
+# ---- the pulse: liveness without rewriting state.json
+
+
+def _identity(path):
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns
+
+
+def test_an_idle_supervisor_leaves_state_json_alone_and_status_reads_its_pulse(agent_env):
+    agent_env.start()
+    state, pulse = agent_env.state_dir / "state.json", agent_env.state_dir / "pulse.json"
+    wait_for(lambda: pulse.exists(), what="the pulse file")
+    before = _identity(state)
+    seen = {_identity(pulse)}
+    wait_for(lambda: seen.add(_identity(pulse)) or len(seen) >= 4, what="four pulses")
+    assert _identity(state) == before, "an idle supervisor rewrote state.json"
+    saved = json.loads(state.read_text())
+    code, report = agent_env.status()
+    assert code == 0, report
+    queue = next(w for w in report["workers"] if w["name"] == "queue")
+    saved_beat = next(w for w in saved["workers"] if w["name"] == "queue")["last_heartbeat"]
+    assert parse_iso(queue["last_heartbeat"]) > parse_iso(saved_beat)  # from the pulse
+    assert queue["heartbeat_age_s"] < 2
+
+
+@pytest.mark.parametrize("content", [b"", b"[]", b'{"pid": 1}', b"\xff", b'{"pid": "x"}'])
+def test_a_bad_pulse_file_is_ignored(agent_env, content):
+    agent_env.start()
+    pulse = agent_env.state_dir / "pulse.json"
+    wait_for(lambda: pulse.exists(), what="the pulse file")
+    pulse.unlink()
+    pulse.write_bytes(content)  # until the next pulse replaces it
+    done = agent_env.agentctl("status", "--json")
+    assert done.returncode in (0, 2) and "Traceback" not in done.stderr
+    json.loads(done.stdout)
