@@ -168,6 +168,18 @@ def test_status_json_reports_systemd_and_running_workers(guest):
     assert f"agent.service active (running), main pid {sup['pid']}, result success" in human
 
 
+def test_an_idle_service_keeps_its_pulse_in_run_and_leaves_state_json_alone(guest):
+    pulse, state = guest.path("/run/agent/pulse.json"), guest.path("/var/lib/agent/state.json")
+    wait_for(pulse.exists, what="/run/agent/pulse.json")
+    assert not guest.path("/var/lib/agent/pulse.json").exists()
+    before = state.stat().st_mtime_ns
+    seen = {pulse.stat().st_ino}
+    wait_for(lambda: seen.add(pulse.stat().st_ino) or len(seen) >= 4, what="four pulses")
+    assert state.stat().st_mtime_ns == before, "an idle service rewrote state.json"
+    report = json.loads(guest.run(["agentctl", "status", "--json"]).stdout)
+    assert all(w["heartbeat_age_s"] < 2 for w in report["workers"] if w["state"] == "running")
+
+
 def test_logs_come_from_journald_with_structured_fields(guest):
     done = guest.run(["agentctl", "logs", "--json", "-n", "50"])
     records = [json.loads(line) for line in done.stdout.splitlines()]
