@@ -105,6 +105,34 @@ def stop(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option(
+    "--pid",
+    type=click.IntRange(min=1),
+    hidden=True,
+    help="Signal this process (systemd's $MAINPID, for ExecReload=) instead of the lock holder.",
+)
+@click.pass_context
+def reload(ctx: click.Context, pid: int | None) -> None:
+    """Re-read the config file without dropping a message; exit 78 (and the old config keeps
+    running) when the new one is invalid."""
+    from agent import control
+    from agent.config import load_config, locate_only
+    from agent.errors import ConfigError
+
+    try:
+        config = load_config(ctx.obj)
+    except ConfigError:  # the supervisor reads it too, refuses it and says why ...
+        config = locate_only(ctx.obj)
+        if pid is None and not control.supervisor_found(config):
+            raise  # ... unless it cannot be found without the file: then we say it
+
+    if pid is None and control.systemd_manages(config):
+        click.echo(control.reload_systemd(config))
+    else:
+        click.echo(control.reload_supervisor(config, pid))
+
+
+@main.command()
 @click.pass_context
 def restart(ctx: click.Context) -> None:
     """Stop, then start: with --config or $AGENT_CONFIG when given, else the config the

@@ -238,6 +238,23 @@ def load_config(explicit: str | None = None, env: dict[str, str] | None = None) 
     return _build(table, path, env)
 
 
+def locate_only(explicit: str | None = None, env: dict[str, str] | None = None) -> Config:
+    """The config file's path and its state_dir, without validating the rest: enough to find
+    a running supervisor when the file has become invalid since it started (when the file is
+    not even TOML, the state_dir its defaults give)."""
+    env = dict(os.environ if env is None else env)
+    path = choose_config_path(explicit, env)
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:  # a file that is still TOML may still name its state_dir
+            state_dir = _read_toml(path).get("state_dir")
+        except ConfigError:
+            state_dir = None
+        if isinstance(state_dir, str) and state_dir:
+            table["state_dir"] = state_dir
+    return _build(table, path, env)
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:

@@ -23,7 +23,14 @@ from agent import lock as locks
 from agent.agentenv import check_agent_commands
 from agent.clock import iso_utc
 from agent.config import SYSTEM_CONFIG, Config
-from agent.errors import EXIT_CONFIG, EXIT_PERMISSION, AgentError, AlreadyRunning
+from agent.errors import (
+    EXIT_CONFIG,
+    EXIT_PERMISSION,
+    AgentError,
+    AlreadyRunning,
+    ConfigError,
+    NotRunning,
+)
 from agent.state import UnreadableState, read_state, record_killed
 
 START_TIMEOUT = 60.0
@@ -395,3 +402,88 @@ def stop_systemd() -> StopResult:
 def restart_systemd() -> int:
     systemctl_action("restart")
     return int(unit_properties("MainPID").get("MainPID") or 0)
+
+
+# ---- reload
+
+
+RELOAD_TIMEOUT = 30.0
+
+
+def supervisor_found(config: Config) -> bool:
+    """A supervisor holds this config's lock (standalone), or systemd runs the unit."""
+    if systemd_manages(config):
+        return unit_properties("ActiveState")["ActiveState"] == "active"
+    return locks.probe(config.lock_path).held
+
+
+def reload_supervisor(config: Config, pid: int | None = None) -> str:
+    """SIGHUP to the running supervisor, then its verdict from the state file: a summary
+    of what changed, or the ConfigError that made it keep the old configuration. `pid`
+    is systemd's $MAINPID (ExecReload=); otherwise the kernel says who holds the lock."""
+    if pid is None:
+        holder = locks.probe(config.lock_path)
+        if not holder.held:
+            raise NotRunning("not running: nothing to reload")
+        if holder.pid is None:
+            raise AgentError(f"{config.lock_path}: the kernel does not say which process holds it")
+        pid = holder.pid
+        proven = True
+    else:
+        proven = False  # systemd's own knowledge
+    before = _reload_count(config)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NotRunning("not running: nothing to reload") from None
+    try:
+        if proven and not _still_holder(config, pid):
+            raise NotRunning("not running: nothing to reload")
+        signal.pidfd_send_signal(pidfd, signal.SIGHUP)
+        return _reload_verdict(config, pid, pidfd, before)
+    finally:
+        os.close(pidfd)
+
+
+def _reload_count(config: Config) -> int:
+    try:
+        saved = read_state(config.state_path)
+    except UnreadableState:
+        return 0
+    return saved.supervisor.reloads if saved else 0
+
+
+def _reload_verdict(config: Config, pid: int, pidfd: int, before: int) -> str:
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(UnreadableState):
+            saved = read_state(config.state_path)
+            sup = saved.supervisor if saved else None
+            if sup is not None and sup.pid == pid and sup.reloads > before:
+                if sup.last_reload_error:
+                    raise ConfigError(sup.last_reload_error)
+                return f"reloaded (pid {pid}): {sup.last_reload_changes or 'no change'}"
+        if _wait_exit(pidfd, 0.05):
+            raise AgentError(f"the supervisor (pid {pid}) exited while reloading")
+    raise AgentError(
+        f"no reload verdict from the supervisor (pid {pid}) within {RELOAD_TIMEOUT:g}s"
+    )
+
+
+def reload_systemd(config: Config) -> str:
+    """`systemctl reload agent` (its ExecReload= runs `agentctl reload --pid $MAINPID`)."""
+    if unit_properties("ActiveState")["ActiveState"] != "active":
+        raise NotRunning(f"{UNIT} is not active: nothing to reload")
+    before = _reload_count(config)
+    try:
+        systemctl_action("reload")
+    except AgentError:
+        saved = None
+        with contextlib.suppress(UnreadableState):
+            saved = read_state(config.state_path)
+        if saved and saved.supervisor.reloads > before and saved.supervisor.last_reload_error:
+            raise ConfigError(saved.supervisor.last_reload_error) from None
+        raise
+    saved = read_state(config.state_path)
+    changes = saved.supervisor.last_reload_changes if saved else None
+    return f"reloaded ({UNIT}): {changes or 'no change'}"

@@ -28,6 +28,12 @@ class AgentError(Exception):
     exit_code = EXIT_FAILURE
 
 
+class NotRunning(AgentError):
+    """The command needs a running supervisor and there is none (exit 3, as `status`)."""
+
+    exit_code = STATUS_NOT_RUNNING
+
+
 class ConfigError(AgentError):
     exit_code = EXIT_CONFIG
 

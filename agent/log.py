@@ -90,6 +90,11 @@ class NoFollowRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
+def set_level(level: str) -> None:
+    """[logging] level, changed live by a reload."""
+    _logger.setLevel(level.upper())
+
+
 def shutdown_logging() -> None:
     for handler in list(_logger.handlers):
         handler.flush()

@@ -5,6 +5,7 @@ from our environment once read, so the agent commands our workers run cannot spe
 """
 
 import os
+import time
 
 import sdnotify
 
@@ -27,6 +28,11 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={_ascii(status)}")
+
+    def reloading(self) -> None:
+        """RELOADING=1; systemd 253+ also wants the time it was sent (CLOCK_MONOTONIC)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={_ascii(text)}")

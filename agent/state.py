@@ -72,6 +72,10 @@ class SupervisorRecord(NamedTuple):
     degraded: str | None = None  # the supervisor's own reason to be degraded (lock lost)
     previous_run: PreviousRun | None = None
     pulse_file: str | None = None  # where the liveness pulse is (see Pulse)
+    reloads: int = 0  # reload attempts so far; `agentctl reload` waits for this to grow
+    last_reload_at: str | None = None
+    last_reload_error: str | None = None  # None: the last reload was applied
+    last_reload_changes: str | None = None  # what it changed, for people
 
 
 class WorkerRecord(NamedTuple):
@@ -206,6 +210,10 @@ def _supervisor(raw: dict[str, Any]) -> SupervisorRecord:
         degraded=_text(raw, where, "degraded"),
         previous_run=None if previous is None else _previous(_table(raw, "previous_run")),
         pulse_file=_text(raw, where, "pulse_file"),
+        reloads=_count(raw, where, "reloads"),
+        last_reload_at=_time(raw, where, "last_reload_at"),
+        last_reload_error=_text(raw, where, "last_reload_error"),
+        last_reload_changes=_text(raw, where, "last_reload_changes"),
     )
 
 
@@ -281,6 +289,13 @@ def _time(raw: dict[str, Any], where: str, key: str) -> str | None:
     except (ValueError, OverflowError, OSError):
         raise _Wrong(f"{where}.{key}: expected an ISO 8601 time, got {_shown(value)}") from None
     return value
+
+
+def _count(raw: dict[str, Any], where: str, key: str) -> int:
+    value = raw.get(key, 0)
+    if _is_int(value) and 0 <= value < MAX_COUNT:
+        return value
+    raise _Wrong(f"{where}.{key}: expected a count, got {_shown(value)}")
 
 
 def _pid(raw: dict[str, Any], where: str) -> int | None:

@@ -22,12 +22,13 @@ from agent import errors
 from agent.agentenv import prepare_agents
 from agent.children import ChildProcesses
 from agent.clock import iso_utc
-from agent.config import Config
+from agent.config import Config, load_config
 from agent.faults import ENV_VAR, parse_faults
 from agent.health import degraded_reason, is_hung, status_line, supervisor_health
 from agent.lock import SupervisorLock
-from agent.log import event, shutdown_logging
+from agent.log import event, set_level, shutdown_logging
 from agent.notify import Notifier
+from agent.reload import ReloadPlan, plan_reload
 from agent.state import (
     Outcome,
     PreviousRun,
@@ -41,16 +42,16 @@ from agent.state import (
     write_state,
 )
 from agent.states import LIVE_PHASES, Phase, WorkerState, check_phase_transition
-from agent.worker import DisabledWorker, RestartPolicy, WorkerRunner
-from agent.workers import WORKER_NAMES, build_workers
+from agent.worker import DisabledWorker, RestartPolicy, Worker, WorkerRunner
+from agent.workers import WORKER_NAMES, build_worker, build_workers
 
 TICK_SECONDS = 0.5
 STATE_FLUSH_SECONDS = 1.0
 PULSE_FILE = "pulse.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Signals whose default action would end the supervisor silently: each is logged and
-# otherwise ignored (SIGHUP will mean reload once reload exists). SIGPIPE is ignored
-# outright, as Python already does: a closed pipe is an EPIPE error where it happens.
+# SIGHUP reloads the configuration. The others' default action would end the supervisor
+# silently: each is logged and otherwise ignored. SIGPIPE is ignored outright, as Python
+# already does: a closed pipe is an EPIPE error where it happens.
 NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 
@@ -77,6 +78,11 @@ class Supervisor:
         self.runners: list[WorkerRunner] = []
         self.disabled: list[DisabledWorker] = []
         self._last_flush = 0.0
+        self._reload_requested = False
+        self.reloads = 0  # reload attempts, each with a verdict in the state file
+        self.last_reload_error: str | None = None
+        self.last_reload_changes: str | None = None
+        self.last_reload_at: float | None = None
         self.state_error: str | None = None  # the state file cannot be written (disk)
         self._last_written: StateRecord | None = None  # without its times (_without_times)
         self._state_identity: tuple[int, ...] | None = None
@@ -158,15 +164,16 @@ class Supervisor:
             if worker is None:
                 self.disabled.append(DisabledWorker(name))
             else:
-                self.runners.append(
-                    WorkerRunner(
-                        worker,
-                        policy,
-                        self.children,
-                        fault=self.faults.get(name),
-                        stop_timeout=self.config.supervisor.stop_timeout,
-                    )
-                )
+                self.runners.append(self._runner_for(worker, policy))
+
+    def _runner_for(self, worker: Worker, policy: RestartPolicy) -> WorkerRunner:
+        return WorkerRunner(
+            worker,
+            policy,
+            self.children,
+            fault=self.faults.get(worker.name),
+            stop_timeout=self.config.supervisor.stop_timeout,
+        )
 
     def _wait_for_first_initialize(self) -> bool:
         """Wait until every worker tried to initialize once; False if a stop came first."""
@@ -191,6 +198,9 @@ class Supervisor:
         )
 
     def _tick(self) -> None:
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload()
         self._check_lock()
         now = time.monotonic()
         for runner in self.runners:
@@ -209,6 +219,81 @@ class Supervisor:
             event("supervisor.lock_lost", lost, level=logging.ERROR, path=str(self.lock.path))
         else:
             event("supervisor.lock_restored", f"{self.lock.path} names our lock again")
+
+    # ---- reload (SIGHUP; agentctl reload; systemctl reload)
+
+    def _reload(self) -> None:
+        """Re-read the config file: apply it, or refuse it and keep the old one running."""
+        self.notifier.reloading()
+        try:
+            plan = self._plan_reload()
+        except errors.AgentError as exc:
+            self._reload_verdict(None, str(exc))
+            return
+        touched = self._apply_reload(plan)
+        self._reload_verdict(plan, None, touched)
+
+    def _plan_reload(self) -> ReloadPlan:
+        new = load_config(str(self.config.path)) if self.config.path else self.config
+        plan = plan_reload(self.config, new)
+        prepare_agents(new)  # the same checks as at start: homes, commands, workdirs
+        return plan
+
+    def _apply_reload(self, plan: ReloadPlan) -> list[str]:
+        """Give the new config to the workers it concerns; their names."""
+        self.config = plan.config
+        set_level(plan.config.logging.level)
+        touched = []
+        for name in plan.workers:
+            runner = next((r for r in self.runners if r.name == name), None)
+            if runner is None and build_worker(plan.config, name) is None:
+                continue  # off before, off now
+            touched.append(name)
+            if runner is None or not runner.worker.reconfigure(plan.config):
+                self._replace_worker(name, runner)
+        return touched
+
+    def _replace_worker(self, name: str, runner: WorkerRunner | None) -> None:
+        if runner is not None:
+            runner.request_stop()
+            runner.join(self.config.supervisor.stop_timeout)
+            self.runners.remove(runner)
+        self.disabled = [d for d in self.disabled if d.name != name]
+        worker = build_worker(self.config, name)
+        if worker is None:
+            self.disabled.append(DisabledWorker(name))
+            return
+        fresh = self._runner_for(worker, RestartPolicy.from_config(self.config.supervisor))
+        self.runners.append(fresh)
+        self.runners.sort(key=lambda r: WORKER_NAMES.index(r.name))
+        fresh.start()
+
+    def _reload_verdict(
+        self, plan: ReloadPlan | None, error: str | None, touched: list[str] | None = None
+    ) -> None:
+        self.reloads += 1
+        self.last_reload_at = time.time()
+        self.last_reload_error = error
+        self.last_reload_changes = plan.summary if plan is not None else None
+        if error is None:
+            assert plan is not None
+            event(
+                "supervisor.reloaded",
+                f"configuration reloaded: {plan.summary}",
+                changed=plan.summary,
+                workers=",".join(touched or []) or None,
+            )
+        else:
+            event(
+                "supervisor.reload.failed",
+                f"reload refused, the old configuration keeps running: {error}",
+                level=logging.ERROR,
+                error=error,
+            )
+        line = self._status_line()
+        self.notifier.ready(line)
+        self._last_status = line
+        self._flush_state(force=True)
 
     # ---- shutdown
 
@@ -302,7 +387,7 @@ class Supervisor:
         event(
             "supervisor.signal",
             f"received {name}: {action}",
-            level=logging.INFO if action == "stopping" else logging.WARNING,
+            level=logging.WARNING if action == "ignored" else logging.INFO,
             signal=name,
             action=action,
         )
@@ -324,7 +409,11 @@ class Supervisor:
                 return None
             if signum in STOP_SIGNALS:
                 return signum
-            self._note_signal(signum, "ignored")
+            if signum == signal.SIGHUP:
+                self._note_signal(signum, "reload")
+                self._reload_requested = True  # done by the loop's next tick, once ready
+            else:
+                self._note_signal(signum, "ignored")
 
     # ---- health, notify, state
 
@@ -428,6 +517,10 @@ class Supervisor:
             degraded=self.problem,
             previous_run=self.previous_run,
             pulse_file=str(self.pulse_path),
+            reloads=self.reloads,
+            last_reload_at=iso_utc(self.last_reload_at) if self.last_reload_at else None,
+            last_reload_error=self.last_reload_error,
+            last_reload_changes=self.last_reload_changes,
         )
         return StateRecord(supervisor, tuple(WorkerRecord(**w) for w in snaps))
 

@@ -7,6 +7,8 @@ A worker implements four things:
   shutdown(ctx)    release what initialize took
   wake()           optional: unblock a loop that waits on something else than ctx
   health()         a small dict of what it is doing, shown by `status`
+  reconfigure(c)   optional: take a reloaded config in place and return True; the
+                   default (False) has the supervisor build the worker anew instead
 
 The runner owns everything else: the thread, state transitions, heartbeat bookkeeping,
 restart with backoff after a crash, and giving up after repeated crashes.
@@ -77,6 +79,10 @@ class Worker:
 
     def wake(self) -> None:
         """Called right after a stop request, for a worker blocked on its own queue or socket."""
+
+    def reconfigure(self, config: Any) -> bool:
+        """Take a reloaded config in place (True), or ask to be rebuilt (False)."""
+        return False
 
     def health(self) -> dict[str, Any]:
         return {}

@@ -162,7 +162,9 @@ def test_agent_env_must_be_a_table_of_strings(agent_env, bad):
     assert "[agents.default] env: expected a table of environment variable" in done.stderr
 
 
-def test_hup_usr1_usr2_alrm_pipe_are_logged_and_never_kill_the_supervisor(agent_env, tmp_path):
+def test_hup_reloads_and_usr1_usr2_alrm_pipe_are_logged_and_never_kill_the_supervisor(
+    agent_env, tmp_path
+):
     agent_env.write_config(**{"agents.default": {"command": ["cat"]}, "dispatcher": FAST_RETRY})
     pid = agent_env.start()
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE):
@@ -177,7 +179,8 @@ def test_hup_usr1_usr2_alrm_pipe_are_logged_and_never_kill_the_supervisor(agent_
     assert wait_for(lambda: reply(agent_env, "s1"), what="a reply after the signals")
     code, report = agent_env.status()
     assert code == 0 and report["supervisor"]["pid"] == pid
-    assert all(r["action"] == "ignored" for r in agent_env.events("supervisor.signal"))
+    actions = {r["signal"]: r["action"] for r in agent_env.events("supervisor.signal")}
+    assert actions == {"SIGHUP": "reload", **dict.fromkeys(names - {"SIGHUP"}, "ignored")}
 
 
 # ---- runaway agents

@@ -8,14 +8,22 @@ WORKER_NAMES = ("queue", "dispatcher", "slack", "heartbeat")
 
 def build_workers(config: Config) -> dict[str, Worker | None]:
     """Every known worker by name, in start order; None for one the config switches off."""
+    return {name: build_worker(config, name) for name in WORKER_NAMES}
+
+
+def build_worker(config: Config, name: str) -> Worker | None:
+    """One worker built from config; None when the config switches it off."""
     from agent.workers.dispatcher import DispatcherWorker
     from agent.workers.heartbeat import HeartbeatWorker
     from agent.workers.queue import QueueWorker
     from agent.workers.slack import SlackWorker
 
-    return {
-        "queue": QueueWorker(config),
-        "dispatcher": DispatcherWorker(config),
-        "slack": SlackWorker(config) if config.slack.enabled else None,
-        "heartbeat": HeartbeatWorker(config) if config.heartbeat.interval > 0 else None,
-    }
+    if name == "queue":
+        return QueueWorker(config)
+    if name == "dispatcher":
+        return DispatcherWorker(config)
+    if name == "slack":
+        return SlackWorker(config) if config.slack.enabled else None
+    if name == "heartbeat":
+        return HeartbeatWorker(config) if config.heartbeat.interval > 0 else None
+    raise ValueError(f"unknown worker {name!r}")

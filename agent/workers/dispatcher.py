@@ -88,6 +88,15 @@ class DispatcherWorker(Worker):
                 item = self._next_item(0)
             self.lanes.release_due(time.monotonic())
 
+    def reconfigure(self, config: Config) -> bool:
+        """New agents and limits apply to runs that start from now on; runs in flight keep
+        the settings they started with. In place: the messages it holds stay with it."""
+        self.config = config
+        self.settings = config.dispatcher
+        self.lanes.concurrency = config.dispatcher.concurrency
+        self.handoff.inbox.put(None)  # re-check what may start now
+        return True
+
     def wake(self) -> None:
         self.life_stop.set()  # cut in-flight runs short: they stay claimed for next start
         self.handoff.inbox.put(None)

@@ -265,8 +265,8 @@ def test_the_watchdog_is_fed_while_a_run_lasts_longer_than_it(agents):
         assert agents.unit("NRestarts", "Result") == {"NRestarts": restarts, "Result": "success"}
 
 
-def test_sighup_with_a_run_in_flight_is_logged_and_the_run_finishes(agents):
-    # (until reload exists, SIGHUP is logged and ignored; see docs/packaging.md)
+def test_hup_usr1_usr2_with_a_run_in_flight_never_disturb_the_run(agents):
+    # (SIGHUP reloads an unchanged config: nothing to do)
     pid = main_pid(agents)
     send_nowait(agents, "slow", "through a SIGHUP")
     wait_for(lambda: run_processes(agents, "sleep"), what="the slow run in flight")
@@ -403,3 +403,34 @@ def test_a_command_that_cannot_start_fails_the_start_before_ready_with_the_reaso
     finally:
         agents.write(CONFIG, AGENTS)
         restart_clean(agents)
+
+
+# ---- live reload through systemd
+
+
+def test_systemctl_reload_applies_a_valid_config_and_refuses_an_invalid_one(agents):
+    pid = main_pid(agents)
+    send_nowait(agents, "slow", "in flight across the reload")
+    wait_for(lambda: run_processes(agents, "sleep"), what="a run in flight")
+    agents.write(CONFIG, AGENTS + '\n[agents.fresh]\ncommand = ["sh", "-c", "echo fresh"]\n')
+    done = agents.run(["systemctl", "reload", "agent"], check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert send(agents, "fresh", "x")[:2] == (0, "fresh")  # the new agent answers at once
+    agents.write(CONFIG, AGENTS + "\n[dispatcher]\nconcurrency = 0\n")  # not TOML: a 2nd table
+    refused = agents.run(["systemctl", "reload", "agent"], check=False, timeout=60)
+    assert refused.returncode != 0
+    mine = agents.run(["agentctl", "reload"], check=False, timeout=60)
+    assert mine.returncode == 78 and "invalid TOML" in mine.stderr, mine.stderr
+    # (agentctl send itself needs a valid file: put the applied one back, without a reload)
+    agents.write(CONFIG, AGENTS + '\n[agents.fresh]\ncommand = ["sh", "-c", "echo fresh"]\n')
+    assert send(agents, "fresh", "the applied config still runs")[:2] == (0, "fresh")
+    assert main_pid(agents) == pid
+    failed = agents.run(
+        ["journalctl", "-u", "agent", "-o", "json", "EVENT=supervisor.reload.failed"]
+    )
+    assert failed.stdout.strip(), "no supervisor.reload.failed event in the journal"
+    agents.write(CONFIG, AGENTS)
+    assert agents.run(["agentctl", "reload"], check=False, timeout=60).returncode == 0
+    wait_for(lambda: not run_processes(agents, "sleep"), timeout=30, what="the slow run done")
+    replies = agents.sh("grep -l 'in flight across the reload' /var/lib/agent/queue/outgoing/*")
+    assert len(replies.split()) == 1  # finished under the old settings, answered once
