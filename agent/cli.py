@@ -54,6 +54,16 @@ def _config(ctx: click.Context):
     return load_config(ctx.obj)
 
 
+def _config_for_finding(ctx: click.Context):
+    """The config, or (the file became invalid) enough of it to find the supervisor."""
+    from agent.config import config_for_finding
+
+    config, broken = config_for_finding(ctx.obj)
+    if broken:
+        click.echo(f"agentctl: warning: {broken}", err=True)
+    return config
+
+
 @main.command()
 @click.pass_context
 def run(ctx: click.Context) -> None:
@@ -94,7 +104,7 @@ def stop(ctx: click.Context) -> None:
     """Stop the running supervisor gracefully (SIGKILL after the stop timeout)."""
     from agent import control
 
-    config = _config(ctx)
+    config = _config_for_finding(ctx)
     if control.systemd_manages(config):
         result = control.stop_systemd()
     else:
@@ -157,7 +167,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Supervisor and per-worker health. Exit: 0 healthy, 1 crashed, 2 degraded, 3 stopped."""
     from agent.status import print_status
 
-    ctx.exit(print_status(_config(ctx), as_json))
+    ctx.exit(print_status(_config_for_finding(ctx), as_json))
 
 
 @main.command()
@@ -194,7 +204,7 @@ def logs(
     """Recent structured events, from journald or the JSON-lines log file."""
     from agent.logquery import print_logs
 
-    print_logs(_config(ctx), limit, follow, as_json, worker, event_name, level, since)
+    print_logs(_config_for_finding(ctx), limit, follow, as_json, worker, event_name, level, since)
 
 
 @main.command()

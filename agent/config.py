@@ -255,6 +255,16 @@ def locate_only(explicit: str | None = None, env: dict[str, str] | None = None) 
     return _build(table, path, env)
 
 
+def config_for_finding(explicit: str | None = None) -> tuple[Config, str | None]:
+    """For commands that only need to find the supervisor (status, stop, logs, reload): the
+    config, or, when the file has become invalid, locate_only's with a warning saying so."""
+    try:
+        return load_config(explicit), None
+    except ConfigError as exc:
+        config = locate_only(explicit)
+        return config, f"{exc}; looking for the supervisor in {config.state_dir}"
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:

@@ -64,11 +64,14 @@ def _plain_logs_options(args: list[str]) -> dict | None:
 def _quick(config_path: str | None, command, **options) -> int:
     import os
 
-    from agent.config import load_config
+    from agent.config import config_for_finding
     from agent.errors import AgentError, os_error
 
     try:
-        return command(load_config(config_path or os.environ.get("AGENT_CONFIG")), **options)
+        config, broken = config_for_finding(config_path or os.environ.get("AGENT_CONFIG"))
+        if broken:
+            print(f"agentctl: warning: {broken}", file=sys.stderr)
+        return command(config, **options)
     except AgentError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return exc.exit_code
