@@ -264,3 +264,14 @@ def sessions_reset(ctx: click.Context, agent_name: str | None, conversation: str
     from agent.sessionsview import reset_session
 
     reset_session(_config(ctx), conversation, agent_name)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
+@click.option("--offline", is_flag=True, help="Skip the checks that need the network.")
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool, offline: bool) -> None:
+    """Check the installation: ok / warn / fail per check, with a fix. Exit 1 if any fails."""
+    from agent.doctor import run_doctor
+
+    ctx.exit(run_doctor(ctx.obj, as_json, offline))

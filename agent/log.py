@@ -49,7 +49,16 @@ def journald_available() -> bool:
 
 
 def choose_sink(config: Config) -> str:
-    """'journald' or 'file'."""
+    """'journald' or 'file'; ConfigError for a journald sink that cannot work here (its
+    events would be lost, or the handler would fail at the first one)."""
+    if config.logging.sink == "journald" and not journald_available():
+        from agent.errors import ConfigError
+
+        raise ConfigError(
+            f"{config.display_path}: [logging] sink: expected a sink that works here, got "
+            f"'journald' but {JOURNAL_SOCKET} or systemd-python is missing (use \"auto\" "
+            'or "file")'
+        )
     if config.logging.sink != "auto":
         return config.logging.sink
     return "journald" if journald_available() else "file"

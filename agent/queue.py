@@ -181,6 +181,13 @@ class Queue:
             fsync_dir(self.processing)
         return moved
 
+    def age(self, directory: Path, name: str) -> float | None:
+        """Seconds since an entry was written (its mtime); None when it is gone."""
+        try:
+            return max(time.time() - os.stat(directory / name).st_mtime, 0.0)
+        except OSError:
+            return None
+
     def depth(self) -> int:
         return _count_json(self.incoming)
 

@@ -42,42 +42,44 @@ def tighten_umask() -> None:
     os.umask(os.umask(SUPERVISOR_UMASK) | SUPERVISOR_UMASK)
 
 
-def check_state_dir(state_dir: Path) -> None:
+def check_state_dir(state_dir: Path, owner: int | None = None) -> None:
     """Raise UntrustedStateDir unless state_dir and what is under it deserve trust.
-    A state_dir that does not exist yet is fine: the supervisor creates it 0750."""
+    A state_dir that does not exist yet is fine: the supervisor creates it 0750.
+    `owner`: the uid the supervisor will run as (doctor, run by root for the `agent`
+    user's service); by default this process's."""
+    owner = os.geteuid() if owner is None else owner
     try:
         top = os.stat(state_dir)  # the operator's own path: a symlink at the top is theirs
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(top.st_mode):
         raise UntrustedStateDir(f"{state_dir}: not a directory; expected the agent's state_dir")
-    _check_directory(state_dir, top, "")
+    _check_directory(state_dir, top, "", owner)
     for name in RUNTIME_ENTRIES:
         try:
             info = os.lstat(state_dir / name)
         except FileNotFoundError:
             continue
-        _check_entry(state_dir / name, info, name, 1)
+        _check_entry(state_dir / name, info, name, 1, owner)
 
 
-def _check_entry(path: Path, info: os.stat_result, relative: str, depth: int) -> None:
+def _check_entry(path: Path, info: os.stat_result, relative: str, depth: int, owner: int) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise UntrustedStateDir(
             f"{path}: a symlink; expected the agent's own file or directory (remove it)"
         )
     if not stat.S_ISDIR(info.st_mode):
         return
-    _check_directory(path, info, relative)
+    _check_directory(path, info, relative, owner)
     if relative in QUEUE_DIRS or depth >= MAX_DEPTH:
         return
     with os.scandir(path) as entries:
         for entry in entries:
             info = entry.stat(follow_symlinks=False)
-            _check_entry(Path(entry.path), info, f"{relative}/{entry.name}", depth + 1)
+            _check_entry(Path(entry.path), info, f"{relative}/{entry.name}", depth + 1, owner)
 
 
-def _check_directory(path: Path, info: os.stat_result, relative: str) -> None:
-    me = os.geteuid()
+def _check_directory(path: Path, info: os.stat_result, relative: str, me: int) -> None:
     writable = info.st_mode & (0o002 if relative in QUEUE_INGRESS else 0o022)
     if info.st_uid in (me, 0) and not writable:
         return

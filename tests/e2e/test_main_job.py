@@ -434,3 +434,29 @@ def test_systemctl_reload_applies_a_valid_config_and_refuses_an_invalid_one(agen
     wait_for(lambda: not run_processes(agents, "sleep"), timeout=30, what="the slow run done")
     replies = agents.sh("grep -l 'in flight across the reload' /var/lib/agent/queue/outgoing/*")
     assert len(replies.split()) == 1  # finished under the old settings, answered once
+
+
+def test_doctor_on_the_installed_service_finds_nothing_wrong(agents):
+    done = agents.run(["agentctl", "doctor", "--json", "--offline"], check=False)
+    found = {f["check"]: f for f in map(json.loads, done.stdout.splitlines())}
+    assert done.returncode == 0, [f for f in found.values() if f["level"] != "ok"]
+    assert found["systemd unit"] == {
+        "check": "systemd unit",
+        "level": "ok",
+        "message": "agent.service enabled, active",
+        "hint": None,
+    }
+    assert (
+        found["agent claude"]["level"] == "ok"
+        and CLAUDE_IN_GUEST in found["agent claude"]["message"]
+    )
+    assert found["state_dir"]["level"] == "ok" and found["log sink"]["level"] == "ok"
+    agents.write("/usr/local/bin/private-cli", "#!/bin/sh\ncat\n", mode=0o700)  # root's only
+    agents.write(CONFIG, AGENTS + '\n[agents.private]\ncommand = ["/usr/local/bin/private-cli"]\n')
+    try:
+        done = agents.run(["agentctl", "doctor", "--json", "--offline"], check=False)
+        found = {f["check"]: f for f in map(json.loads, done.stdout.splitlines())}
+        assert done.returncode == 1 and found["agent private"]["level"] == "fail"
+        assert "not executable by the service user 'agent'" in found["agent private"]["message"]
+    finally:
+        agents.write(CONFIG, AGENTS)
