@@ -229,10 +229,11 @@ def send(
     text: str,
 ) -> None:
     """Enqueue a local message for an agent; with --wait, print its reply."""
+    from agent.send import check_sendable, wait_for_reply
     from agent.send import send as enqueue
-    from agent.send import wait_for_reply
 
     config = _config(ctx)
+    check_sendable(config, agent_name, wait)
     sent = enqueue(config, text, agent=agent_name, conversation=conversation)
     if not sent.supervisor_running:
         click.echo("agentctl: warning: no supervisor is running; the message waits", err=True)
@@ -275,3 +276,22 @@ def doctor(ctx: click.Context, as_json: bool, offline: bool) -> None:
     from agent.doctor import run_doctor
 
     ctx.exit(run_doctor(ctx.obj, as_json, offline))
+
+
+@main.command()
+@click.option(
+    "--agent",
+    "agent",
+    type=click.Choice(["claude", "codex", "cat"]),
+    help="The agent to configure (default: the first of claude, codex on PATH; cat: a smoke test).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing config file.")
+@click.pass_context
+def init(ctx: click.Context, agent: str | None, force: bool) -> None:
+    """Write a commented starter config (root: /etc/agent/agent.toml; others:
+    ~/.config/agent/agent.toml) and print the next command to run."""
+    from agent.init import init_config
+
+    written = init_config(ctx.obj, agent, force)
+    click.echo(f"wrote {written.path} (agent {written.agent})")
+    click.echo(f"next: {written.next_step}")

@@ -221,14 +221,24 @@ class Config:
 
 
 def choose_config_path(explicit: str | None, env: dict[str, str] | None = None) -> Path | None:
+    """--config, $AGENT_CONFIG, the user's own file (not for root), the system file, or
+    None (embedded defaults)."""
     env = os.environ if env is None else env
     if explicit:
         return Path(explicit)
     if env.get("AGENT_CONFIG"):
         return Path(env["AGENT_CONFIG"])
+    if os.geteuid() != 0 and user_config_path(env).exists():
+        return user_config_path(env)
     if SYSTEM_CONFIG.exists():
         return SYSTEM_CONFIG
     return None
+
+
+def user_config_path(env: dict[str, str]) -> Path:
+    """$XDG_CONFIG_HOME/agent/agent.toml, else ~/.config/agent/agent.toml."""
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
+    return Path(base) / "agent" / "agent.toml"
 
 
 def load_config(explicit: str | None = None, env: dict[str, str] | None = None) -> Config:

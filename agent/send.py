@@ -28,6 +28,22 @@ class Sent:
     supervisor_running: bool
 
 
+def check_sendable(config: Config, agent: str | None, wait: bool) -> None:
+    """Fail at once, before anything is queued, when the message could never be answered."""
+    from agent.agentrun import choose_agent
+    from agent.errors import ConfigError, NotRunning
+
+    try:
+        choose_agent(config.agents, agent)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{config.display_path}: {exc}; e.g. add\n  [agents.default]\n  "
+            'command = ["claude", "-p"]\n(or run: agentctl init)'
+        ) from None
+    if wait and not locks.probe(config.lock_path).held:
+        raise NotRunning("not running: start it first (agentctl start); nothing was queued")
+
+
 def send(
     config: Config, text: str, agent: str | None = None, conversation: str | None = None
 ) -> Sent:

@@ -32,6 +32,7 @@ IDLE_WAIT = 0.5
 JOIN_SECONDS = 8.0
 
 DONE, FAILED, RETRY, STOPPED = "done", "failed", "retry", "stopped"
+NO_AGENT = "no agent configured: add an [agents.default] table (agentctl init)"
 
 
 class DispatcherWorker(Worker):
@@ -112,6 +113,8 @@ class DispatcherWorker(Worker):
         with self._health_lock:
             degraded = self.agents_health.degraded(now)
             oldest = min(self.runs_started.values(), default=None)
+        if not self.config.agents:
+            degraded = NO_AGENT
         return {
             "degraded": degraded,
             "in_flight": self.lanes.running,
