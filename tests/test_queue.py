@@ -10,7 +10,7 @@ import pytest
 
 from agent.dirwatch import DirWatcher
 from agent.lanes import Lanes
-from agent.queue import InvalidMessage, Queue, new_message, parse, reply_name
+from agent.queue import InvalidMessage, Queue, make_reply, new_message, parse, reply_name
 from tests.helpers import wait_for
 
 
@@ -70,8 +70,8 @@ def test_reply_is_named_by_channel_and_message_id_and_overwrites(q):
     put(q, "a.json", msg(1))
     [name] = q.claim_all()
     message = q.load(name)
-    q.write_reply(message, {"message": "first"})
-    q.write_reply(message, {"message": "second"})
+    q.write_reply(message, make_reply(message, "first", "default"))
+    q.write_reply(message, make_reply(message, "second", "default"))
     q.done(name)
     assert os.listdir(q.outgoing) == ["local_m1.json"]
     assert json.loads((q.outgoing / "local_m1.json").read_text())["message"] == "second"
@@ -80,7 +80,7 @@ def test_reply_is_named_by_channel_and_message_id_and_overwrites(q):
 
 
 def test_record_attempt_keeps_payload_and_place_in_order(q):
-    original = msg(1, conversationId="t1", files=["/tmp/f"])
+    original = msg(1, conversationId="t1", files=[str(q.files / "f")])
     put(q, "a.json", original, time.time_ns() - 10**9)
     [name] = q.claim_all()
     before = os.stat(q.processing / name).st_mtime_ns
@@ -116,7 +116,7 @@ def test_fail_moves_message_with_reason(q):
         (b"\xff\xfe", "not UTF-8"),
         (b"[1]", "expected a JSON object"),
         (json.dumps({"channel": "x"}).encode(), "missing required field 'messageId'"),
-        (json.dumps({**msg(1), "timestamp": "now"}).encode(), "'timestamp' must be a number"),
+        (json.dumps({**msg(1), "timestamp": "now"}).encode(), "'timestamp' must be a finite"),
         (json.dumps({**msg(1), "message": 5}).encode(), "'message' must be a string"),
         (json.dumps({**msg(1), "files": ["rel/path"]}).encode(), "absolute paths"),
         (json.dumps({**msg(1), "channel": ""}).encode(), "'channel' must not be empty"),
