@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.clock import iso_utc
+from agent.dirwatch import DirWatcher
 from agent.fsutil import atomic_write_bytes, fsync_dir
 from agent.messages import (
     ATTEMPTS,
@@ -460,6 +461,14 @@ class Queue:
             self.remove_reply(name)
         return reply
 
+    def incoming_watcher(self) -> DirWatcher:
+        """Wakes when a message may have arrived in incoming/ (close it when done)."""
+        return DirWatcher(self.incoming)
+
+    def reply_watcher(self) -> DirWatcher:
+        """Wakes when a reply may have arrived in outgoing/ (close it when done)."""
+        return DirWatcher(self.outgoing)
+
     def remove_reply(self, name: str) -> None:
         try:
             os.unlink(self.outgoing / name)
@@ -468,11 +477,12 @@ class Queue:
         fsync_dir(self.outgoing)
 
     def failure(self, channel: str, message_id: str) -> dict[str, Any] | None:
-        """The reason file of a message that ended in failed/ under its reply name, or None."""
+        """The reason of a message that ended in failed/ under its reply name, or None."""
         name = reply_name(channel, message_id)
         if not os.path.lexists(self.failed / name):
             return None
-        return self._read_json(self.failed / f"{name}.reason")
+        reason = self._read_json(self.failed / f"{name}.reason")
+        return reason if isinstance(reason, dict) else {"reason": "(reason file unreadable)"}
 
     def fail_reply(self, name: str, reason: str, reply: Any = None) -> str | None:
         """A reply that cannot be delivered, untouched, into failed/ with its reason file."""

@@ -175,7 +175,7 @@ class DispatcherWorker(Worker):
         self.handoff.inbox.put(("finished", life, lane, number, outcome, delay))
 
     def _attempt(self, message: Message, stop: threading.Event) -> tuple[str, float]:
-        if not (self.queue.processing / message.name).exists():
+        if not self.queue.is_claimed(message.name):
             return DONE, 0.0  # finished by a previous life of this worker: never run twice
         try:
             agent_name = choose_agent(self.config.agents, message.data.get("agent"))

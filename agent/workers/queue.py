@@ -98,7 +98,7 @@ class QueueWorker(Worker):
 
     def initialize(self, ctx: WorkerContext) -> None:
         self.queue.ensure_dirs()
-        self.watcher = DirWatcher(self.queue.incoming)
+        self.watcher = self.queue.incoming_watcher()
         self.handoff.on_room = self.watcher.wake
         if self.watcher.mode != "inotify":
             event(
