@@ -120,6 +120,7 @@ class Claim:
     claimed: list[str]
     unmovable: list[Unmovable]
     trouble: MachineTrouble | None = None
+    looked_at: int = 0  # how many of the entries given are out of incoming/ or gone
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ class Queue:
             try:
                 os.rename(self.incoming / entry.name, self.processing / target)
             except FileNotFoundError:
+                result.looked_at += 1
                 continue
             except OSError as exc:
                 problem = _classified(exc, "cannot move out of incoming/")
@@ -288,8 +290,10 @@ class Queue:
                     result.trouble = problem
                     break
                 result.unmovable.append(Unmovable(entry, str(problem)))
+                result.looked_at += 1
                 continue
             result.claimed.append(target)
+            result.looked_at += 1
         if result.claimed:
             try:
                 fsync_dir(self.processing)
@@ -297,7 +301,8 @@ class Queue:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     self.unclaim(result.claimed)  # not durable: nobody may work on them yet
-                return Claim([], result.unmovable, MachineTrouble(f"fsync: {exc}", exc))
+                trouble = MachineTrouble(f"fsync: {exc}", exc)
+                return Claim([], result.unmovable, trouble, len(result.unmovable))
         return result
 
     def claim_all(self, limit: int | None = None) -> list[str]:
@@ -396,13 +401,18 @@ class Queue:
                 failure = Failure(
                     reason, name, message.attempts, message.channel, message.message_id
                 )
-            _write_private(self.failed / f"{target}.reason", _json_bytes(failure.as_json()), sync)
+            _write_private(
+                self.failed / f"{target}.reason", _json_bytes(failure.as_json()), sync, sync
+            )
             os.replace(self.processing / name, self.failed / target)
         if sync:
             self.sync_failed()
         return target
 
     def sync_failed(self) -> None:
+        """Make a batch of fail(sync=False) durable: one syncfs(2) for the reason files'
+        content (one fsync each costs more than the rest of a rejection), then the dirs."""
+        _syncfs(self.failed)
         fsync_dir(self.failed)
         fsync_dir(self.processing)
 
@@ -529,14 +539,33 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, sort_keys=True, indent=2) + "\n").encode()
 
 
-def _write_private(path: Path, data: bytes, sync_dir: bool = True) -> None:
+def _write_private(path: Path, data: bytes, sync_dir: bool = True, sync: bool = True) -> None:
     """Atomic, durable, and 0600 from its creation: mkstemp creates with O_EXCL (never
     through a symlink) and mode 0600, and nothing chmods it wider afterwards."""
-    _write_new(path, data, sync_dir)
+    _write_new(path, data, sync_dir, sync=sync)
 
 
-def _write_new(path: Path, data: bytes, sync_dir: bool = True, mode: int | None = None) -> None:
-    """Temp file, fsync, rename into place, fsync the directory (unless sync_dir is False).
+def _syncfs(directory: Path) -> None:
+    """syncfs(2) on the filesystem holding directory; os.sync() where libc lacks it."""
+    import ctypes  # here: only a batch of rejections needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if not hasattr(libc, "syncfs"):
+            os.sync()
+        elif libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(directory))
+    finally:
+        os.close(fd)
+
+
+def _write_new(
+    path: Path, data: bytes, sync_dir: bool = True, mode: int | None = None, sync: bool = True
+) -> None:
+    """Temp file, fsync (unless sync is False: the caller syncs a batch), rename into
+    place, fsync the directory (unless sync_dir is False).
 
     mode None: 0600 (mkstemp's). Otherwise the temp file is created with mode, as
     narrowed by the umask, through os.open(O_CREAT | O_EXCL | O_NOFOLLOW).
@@ -553,7 +582,8 @@ def _write_new(path: Path, data: bytes, sync_dir: bool = True, mode: int | None 
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -167,8 +167,9 @@ class QueueWorker(Worker):
             return
         room = self.handoff.room()  # the dispatcher has enough: the rest waits in incoming/
         if room > 0 and now >= self.paused_until:
-            ready = [e for e in entries if self._due(e.name, now)]
-            self._claim(ctx, ready[:room])
+            batch = [e for e in entries if self._due(e.name, now)][:room]
+            gone = {e.name for e in batch[: self._claim(ctx, batch)]}
+            self._count_waiting([e for e in entries if e.name not in gone])
         self._note_backlog(time.monotonic())
 
     def _candidates(self, now: float) -> list[Entry]:
@@ -180,17 +181,21 @@ class QueueWorker(Worker):
         names = {e.name for e in entries}
         self.deferred = {n: d for n, d in self.deferred.items() if n in names}
         waiting = [e for e in entries if (e.name, e.inode) not in self.quarantined]
+        self._count_waiting(waiting)
+        return waiting
+
+    def _count_waiting(self, waiting: list[Entry]) -> None:
         self.backlog.depth = len(waiting)
         self.backlog.oldest_mtime_ns = waiting[0].mtime_ns if waiting else None
-        return waiting
 
     def _due(self, name: str, now: float) -> bool:
         deferred = self.deferred.get(name)
         return deferred is None or deferred.due <= now
 
-    def _claim(self, ctx: WorkerContext, entries: list[Entry]) -> None:
+    def _claim(self, ctx: WorkerContext, entries: list[Entry]) -> int:
+        """Claim and judge entries; returns how many of them left incoming/ (in order)."""
         if not entries:
-            return
+            return 0
         claim = self.queue.claim(entries)
         for unmovable in claim.unmovable:
             self._quarantine(unmovable)
@@ -207,9 +212,9 @@ class QueueWorker(Worker):
             unsynced |= self._admit(name)
         if unsynced:
             self._sync_failed()
-        self.backlog.depth -= len(claim.claimed) + len(claim.unmovable)
         if claim.claimed or claim.unmovable:
             self.backlog.last_progress = time.monotonic()
+        return claim.looked_at
 
     def _admit(self, name: str) -> bool:
         """Hand one claimed entry over, or fail it; True when failed/ needs an fsync."""
