@@ -23,11 +23,14 @@ pytestmark = pytest.mark.integration
 NOBODY = 65534
 
 
-def stage(queue: Queue, name: str, data: dict | bytes, owner: int | None = None) -> None:
+def stage(
+    queue: Queue, name: str, data: dict | bytes, owner: int | None = None, mode: int = 0o644
+) -> None:
     staged = queue.tmp / name
     staged.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
     if owner is not None:
         os.chown(staged, owner, owner)
+    os.chmod(staged, mode)
     os.rename(staged, queue.incoming / name)
 
 
@@ -117,8 +120,7 @@ def unprivileged(tmp_path):
 def test_an_unreadable_file_fails_and_an_unmovable_one_is_quarantined(unprivileged):
     env, queue = unprivileged
     wait_for(lambda: queue.incoming.is_dir(), what="the queue directories")
-    stage(queue, "0-unreadable.json", json.dumps(new_message("local", "x", "t", "t", "u")).encode())
-    os.chmod(queue.incoming / "0-unreadable.json", 0o000)
+    stage(queue, "0-unreadable.json", new_message("local", "x", "t", "t", "u"), mode=0o000)
     stage(queue, "1-good.json", new_message("local", "hi", "t", "t", "g1"), owner=NOBODY)
     wait_for(lambda: (queue.outgoing / "local_g1.json").exists(), what="the good message answered")
     reason = json.loads(

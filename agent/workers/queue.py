@@ -173,8 +173,8 @@ class QueueWorker(Worker):
         self._note_backlog(time.monotonic())
 
     def _candidates(self, now: float) -> list[Entry]:
-        """Entries of incoming/, oldest first, without the quarantined; forgets deferrals
-        that are due and quarantine keys whose entry is gone (memory stays bounded)."""
+        """Entries of incoming/, oldest first, without the quarantined; forgets the
+        deferrals and quarantine keys whose entry is gone (memory stays bounded)."""
         entries = self.queue.waiting()
         present = {(e.name, e.inode) for e in entries}
         self.quarantined = {k: v for k, v in self.quarantined.items() if k in present}
