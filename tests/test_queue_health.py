@@ -157,3 +157,62 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
+
+
+@pytest.fixture
+def small_queue_fs(agent_env):
+    """state_dir/queue on a 512 KiB tmpfs of its own (state file and logs stay on disk)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        skip_or_fail("needs root to mount a small tmpfs for the full-disk case")
+    mountpoint = agent_env.state_dir / "queue"
+    mountpoint.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        agent_env.agentctl("stop")
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_defers_entries_with_backoff_and_loses_nothing(agent_env, small_queue_fs):
+    agent_env.write_config(
+        **{
+            "agents.default": {"command": ["cat"]},
+            "dispatcher": {"retry_backoff": 0.1, "retry_backoff_max": 0.5},
+            "logging": {"sink": "file"},
+        }
+    )
+    agent_env.start()
+    queue = Queue(small_queue_fs)
+    (queue.tmp / "poison.json").write_bytes(b"{poison")
+    (queue.tmp / "good.json").write_text(json.dumps(new_message("local", "hi", "t", "t", "full")))
+    filler = queue.tmp / "filler"
+    with open(filler, "wb") as handle, pytest.raises(OSError):
+        while True:  # until ENOSPC
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    os.rename(queue.tmp / "poison.json", queue.incoming / "poison.json")
+    os.rename(queue.tmp / "good.json", queue.incoming / "good.json")
+    wait_for(
+        lambda: agent_env.events("queue.retry_later"),
+        what="the poison file deferred (its reason file cannot be written)",
+    )
+    time.sleep(3)  # a window in which a spinning worker would log hundreds of lines
+    assert len(agent_env.events("queue.retry_later")) <= 4
+    assert not (queue.failed / "poison.json").exists()
+    assert agent_env.status()[0] in (0, 2)  # alive (the dispatcher may say its retries)
+    filler.unlink()
+    wait_for(
+        lambda: (queue.outgoing / "local_full.json").exists(),
+        timeout=90,  # the deferral backs off: 1, 2, 4 ... s
+        what="the good message answered once space returned",
+    )
+    reason = wait_for(lambda: _read(queue.failed / "poison.json.reason"), timeout=90, what="reason")
+    assert "malformed JSON" in json.loads(reason)["reason"]
+    assert os.listdir(queue.processing) == []
