@@ -56,7 +56,6 @@ from agent.messages import (
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
-    "Backlog",
     "Claim",
     "Entry",
     "Failure",
@@ -124,12 +123,6 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Backlog:
-    depth: int  # messages waiting in incoming/ (skipped ones not counted)
-    oldest_mtime_ns: int | None
-
-
-@dataclass(frozen=True)
 class Failure:
     """The one shape of a failed/<name>.reason file (docs/queue.md)."""
 
@@ -139,6 +132,18 @@ class Failure:
     channel: str | None = None
     message_id: str | None = None
     quarantined: bool = False
+
+    @classmethod
+    def about(cls, reason: str, name: str, message: Message | None) -> "Failure":
+        if message is None:
+            return cls(reason, name)
+        return cls(reason, name, message.attempts, message.channel, message.message_id)
+
+    @classmethod
+    def about_reply(cls, reason: str, name: str, reply: Any) -> "Failure":
+        if not isinstance(reply, dict) or not isinstance(reply.get("channel"), str):
+            return cls(reason, name)
+        return cls(reason, name, 0, reply["channel"], str(reply.get("messageId")))
 
     def as_json(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -239,16 +244,13 @@ class Queue:
 
     # ---- claiming
 
-    def waiting(self, skip: set[tuple[str, int]] | None = None) -> list[Entry]:
-        """Message entries in incoming/, oldest first (mtime, then name), minus skip's
-        (name, inode) pairs. Any kind of entry: claiming is a rename, reading comes later."""
-        skip = skip or set()
+    def waiting(self) -> list[Entry]:
+        """Message entries in incoming/, oldest first (mtime, then name). Any kind of
+        entry: claiming is a rename, and reading (with its checks) comes after."""
         found = []
         with os.scandir(self.incoming) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                    continue
-                if (entry.name, entry.inode()) in skip:
                     continue
                 try:
                     mtime = entry.stat(follow_symlinks=False).st_mtime_ns
@@ -257,10 +259,6 @@ class Queue:
                 found.append(Entry(entry.name, mtime, entry.inode()))
         found.sort(key=lambda e: (e.mtime_ns, e.name))
         return found
-
-    def backlog(self, skip: set[tuple[str, int]] | None = None) -> Backlog:
-        entries = self.waiting(skip)
-        return Backlog(len(entries), entries[0].mtime_ns if entries else None)
 
     def oldest_first(self, directory: Path) -> list[str]:
         """Message file names in a directory, oldest first (mtime, then name)."""
@@ -396,11 +394,7 @@ class Queue:
         """
         with self._replies:
             target = self._failed_name(name, message, duplicate)
-            failure = Failure(reason, name)
-            if message is not None:
-                failure = Failure(
-                    reason, name, message.attempts, message.channel, message.message_id
-                )
+            failure = Failure.about(reason, name, message)
             _write_private(
                 self.failed / f"{target}.reason", _json_bytes(failure.as_json()), sync, sync
             )
@@ -498,11 +492,7 @@ class Queue:
         """A reply that cannot be delivered, untouched, into failed/ with its reason file."""
         with self._replies:
             target = _free_name(self.failed, name)
-            failure = Failure(reason, name)
-            if isinstance(reply, dict):
-                failure = Failure(
-                    reason, name, 0, str(reply.get("channel")), str(reply.get("messageId"))
-                )
+            failure = Failure.about_reply(reason, name, reply)
             _write_private(self.failed / f"{target}.reason", _json_bytes(failure.as_json()))
             try:
                 os.replace(self.outgoing / name, self.failed / target)

@@ -228,3 +228,35 @@ def test_a_poison_file_goes_to_failed_and_never_stalls_the_queue(agent_env):
     assert "unreadable JSON: RecursionError" in (queue.failed / "0-poison.json.reason").read_text()
     assert os.listdir(queue.processing) == []
     assert agent_env.worker("queue")["state"] == "running"
+
+
+def test_files_must_resolve_under_the_files_directory(q):
+    inside = str(q.files / "report.pdf")
+    assert parse(json.dumps(msg(1, files=[inside])).encode(), q.files)["files"] == [inside]
+    (q.files / "out").symlink_to("/etc")
+    for bad in ("/etc/passwd", str(q.files / "out" / "passwd"), f"{q.files}/../x"):
+        with pytest.raises(InvalidMessage, match="files"):
+            parse(json.dumps(msg(1, files=[bad])).encode(), q.files)
+
+
+def test_a_long_incoming_name_is_shortened_when_claimed_and_failed(q):
+    name = "x" * 240 + ".json"
+    put(q, name, b"[]")
+    [claimed] = q.claim_all()
+    assert len(claimed.encode()) <= 200 and claimed.startswith("x" * 100)
+    target = q.fail(claimed, "not an object")
+    assert (q.failed / f"{target}.reason").exists()
+
+
+def test_a_reply_to_another_message_of_the_same_id_is_never_overwritten(q):
+    put(q, "a.json", msg(1))
+    put(q, "b.json", {**msg(1), "message": "something else"})
+    first, second = (q.load(n) for n in q.claim_all())
+    q.write_reply(first, make_reply(first, "answer one", "default"))
+    diverted = q.write_reply(second, make_reply(second, "answer two", "default"))
+    assert diverted.parent == q.failed
+    assert json.loads((q.outgoing / "local_m1.json").read_text())["message"] == "answer one"
+    reason = json.loads(diverted.with_name(diverted.name + ".reason").read_text())
+    assert reason["reason"].startswith("duplicate messageId")
+    assert (reason["channel"], reason["messageId"]) == ("local", "m1")
+    assert oct(os.stat(q.outgoing / "local_m1.json").st_mode & 0o777) == "0o600"

@@ -244,7 +244,7 @@ class QueueWorker(Worker):
             worker=self.name,
             message_id=message.message_id,
             channel=message.channel,
-            file=message.name,
+            file=printable(message.name),
         )
         self.handoff.put(message)
 

@@ -24,9 +24,10 @@ class SlackWorker(Worker):
     def __init__(self, config: Config):
         self.config = config
         self.links: dict[str, ProfileLink] = {}
+        self.queue = Queue(config.queue_dir)
 
     def initialize(self, ctx: WorkerContext) -> None:
-        Queue(self.config.queue_dir).ensure_dirs()
+        self.queue.ensure_dirs()
         self.links = {
             name: ProfileLink(name, profile, self.config)
             for name, profile in self.config.slack.profiles.items()
@@ -46,7 +47,7 @@ class SlackWorker(Worker):
             self._scan_outgoing()
 
     def _scan_outgoing(self) -> None:
-        queue = Queue(self.config.queue_dir)
+        queue = self.queue
         for name in queue.replies(CHANNEL):  # oldest first: a thread's replies keep order
             if any(name in link.pending for link in self.links.values()):
                 continue  # already handed over
