@@ -273,7 +273,8 @@ def test_after_the_corpus_status_is_truthful_and_memory_bounded(served):
     assert code == 0 and report["supervisor"]["health"] == "healthy", report
     assert detail["depth"] == 0 and detail["oldest_age_s"] is None
     assert "degraded" not in detail
-    assert rss_kb(pid) < 150_000, f"supervisor RSS {rss_kb(pid)} kB after the corpus"
+    print(f"supervisor RSS after the corpus: {rss_kb(pid)} kB")
+    assert rss_kb(pid) < 100_000, f"supervisor RSS {rss_kb(pid)} kB after the corpus"
     assert not any(SECRET in p.read_text() for p in queue.outgoing.glob("*.json"))
 
 
@@ -319,12 +320,13 @@ def test_a_burst_of_10000_poison_files_does_not_starve_good_messages(served):
     assert len(env.events("message.failed")) - before == 10_000  # one event per entry
     assert not [n for n in os.listdir(queue.incoming) if n.startswith("p")]
     assert os.listdir(queue.processing) == []
-    assert rss_kb(pid) < 150_000, f"supervisor RSS {rss_kb(pid)} kB after the burst"
+    print(f"supervisor RSS after the burst: {rss_kb(pid)} kB")
+    assert rss_kb(pid) < 100_000, f"supervisor RSS {rss_kb(pid)} kB after the burst"
     wait_for(lambda: env.worker("queue")["detail"]["depth"] == 0, what="status depth 0")
 
 
-def test_good_messages_keep_flowing_when_the_agent_fails_for_some(served):
-    """A message whose agent name is unknown fails at once in the dispatcher: no retry."""
+def test_a_message_for_an_unknown_agent_fails_before_the_hand_off(served):
+    """It is judged by the queue worker, like any bad entry: it never takes a place."""
     _, queue, _, _ = served
     queue.enqueue(good("no-agent", SHARED, agent="nobody-here"), name="na-1.json")
     queue.enqueue(good("after-no-agent", SHARED), name="na-2.json")

@@ -9,7 +9,8 @@ still heartbeats while idle. Invariants:
     lives, remembered by name and inode), a reason file, one `message.quarantined` event
   - machine trouble (disk full, EIO, read-only) with one entry defers that entry with
     backoff, the others keep flowing; with the claim itself, the whole round backs off
-  - only valid messages reach the hand-off, so a burst of poison never fills it
+  - only valid messages for a configured agent reach the hand-off, so a burst of poison
+    never fills it
   - a second, different message with the (channel, messageId) of one in flight, answered
     or failed goes to failed/ as a duplicate
   - health(): depth, the oldest waiting message's age, failed and quarantined counts, and
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agent.agentrun import choose_agent
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.dirwatch import DirWatcher
@@ -82,6 +84,7 @@ class QueueWorker(Worker):
         self.queue = Queue(config.queue_dir)
         self.handoff = handoff or handoff_for(config.queue_dir)
         self.stall_timeout = config.queue.stall_timeout
+        self.agents = config.agents
         self.watcher: DirWatcher | None = None
         self.backlog = Backlog(last_progress=time.monotonic())
         self.quarantined: dict[tuple[str, int], str] = {}  # (name, inode) -> reason
@@ -231,6 +234,10 @@ class QueueWorker(Worker):
         if duplicate is not None:
             reason = f"{DUPLICATE}: {duplicate} holds another message with this id"
             return self._reject(name, reason, message, duplicate=True)
+        try:
+            choose_agent(self.agents, message.data.get("agent"))
+        except ValueError as exc:  # fails here, without taking a place in the hand-off
+            return self._reject(name, str(exc), message)
         self._hand_over(message)
         return False
 
