@@ -337,3 +337,15 @@ def test_a_message_for_an_unknown_agent_fails_before_the_hand_off(served):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_failed_directory_removed_by_hand_comes_back(served):
+    env, queue, scratch, _ = served
+    saved = env.root / "failed-saved"
+    os.rename(queue.failed, saved)  # an operator "cleaning up"
+    file_with(b"{gone")(queue, scratch, "0-after-rm.json")
+    queue.enqueue(good("after-rm", SHARED), name="1-after-rm.json")
+    wait_for(lambda: answered(queue, "after-rm"), what="the good message")
+    reason = wait_for(lambda: failed_entry(queue, "0-after-rm.json"), what="failed/ recreated")
+    assert "malformed JSON" in reason["reason"]
+    assert os.listdir(queue.processing) == []

@@ -19,7 +19,9 @@ still heartbeats while idle. Invariants:
   - repeated errors are logged rate-limited (agent/ratelimit.py)
 """
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from agent.queue import (
     Message,
     Queue,
     Unmovable,
+    is_machine_trouble,
     printable,
 )
 from agent.ratelimit import RepeatLimiter
@@ -167,6 +170,8 @@ class QueueWorker(Worker):
             entries = self._candidates(now)
         except OSError as exc:
             self._error("queue.error", f"cannot list incoming/: {exc}")
+            with contextlib.suppress(OSError):
+                self.queue.ensure_dirs()  # removed by hand: recreate it for the next round
             return
         room = self.handoff.room()  # the dispatcher has enough: the rest waits in incoming/
         if room > 0 and now >= self.paused_until:
@@ -281,10 +286,8 @@ class QueueWorker(Worker):
         """failed/ with its reason and one event; True when failed/ needs an fsync."""
         try:
             target = self.queue.fail(name, reason, message, sync=False, duplicate=duplicate)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:  # the disk, most likely: keep the entry and try again later
-            self._defer(name, f"cannot move to failed/: {exc}")
+        except OSError as exc:
+            self._cannot_fail(name, exc)
             return False
         self.failed += 1
         self.last_error = f"{printable(name)}: {reason}"
@@ -299,6 +302,23 @@ class QueueWorker(Worker):
             reason=reason,
         )
         return True
+
+    def _cannot_fail(self, name: str, exc: OSError) -> None:
+        """failed/ refused the entry: machine trouble defers it; anything else about the
+        entry itself quarantines it in incoming/ (never a retry in a spin)."""
+        if isinstance(exc, FileNotFoundError) and not self.queue.is_claimed(name):
+            return  # somebody removed it meanwhile
+        text = f"cannot move to failed/: {exc}"
+        if is_machine_trouble(exc) or isinstance(exc, FileNotFoundError):
+            self._defer(name, text)  # FileNotFoundError: failed/ itself is gone (recreated)
+            return
+        try:
+            [back] = self.queue.unclaim([name]) or [name]
+            inode = os.lstat(self.queue.incoming / back).st_ino
+        except OSError as again:
+            self._error("queue.error", f"cannot return {printable(name)} to incoming/: {again}")
+            return
+        self._quarantine(Unmovable(Entry(back, 0, inode), text))
 
     def _quarantine(self, unmovable: Unmovable) -> None:
         entry = unmovable.entry
@@ -322,6 +342,8 @@ class QueueWorker(Worker):
 
     def _defer(self, name: str, text: str) -> None:
         """Machine trouble with one entry: back to incoming/, not claimed again for a while."""
+        with contextlib.suppress(OSError):
+            self.queue.ensure_dirs()  # a directory removed by hand comes back
         try:
             [back] = self.queue.unclaim([name]) or [name]
         except OSError as exc:  # still in processing/: the next start recovers it
