@@ -247,30 +247,11 @@ class Queue:
     def waiting(self) -> list[Entry]:
         """Message entries in incoming/, oldest first (mtime, then name). Any kind of
         entry: claiming is a rename, and reading (with its checks) comes after."""
-        found = []
-        with os.scandir(self.incoming) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                    continue
-                try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
-                except FileNotFoundError:
-                    continue
-                found.append(Entry(entry.name, mtime, entry.inode()))
-        found.sort(key=lambda e: (e.mtime_ns, e.name))
-        return found
+        return _entries(self.incoming)
 
     def oldest_first(self, directory: Path) -> list[str]:
         """Message file names in a directory, oldest first (mtime, then name)."""
-        found = []
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
-        found.sort()
-        return [name for _, name in found]
+        return [entry.name for entry in _entries(directory)]
 
     def claim(self, entries: list[Entry]) -> Claim:
         """Move entries from incoming/ into processing/, in the order given."""
@@ -603,6 +584,22 @@ def _free_name(directory: Path, name: str) -> str:
         candidate = f"{stem}.{uuid.uuid4().hex[:8]}.json"
         if not os.path.lexists(directory / candidate):
             return candidate
+
+
+def _entries(directory: Path) -> list[Entry]:
+    """*.json entries of a directory (hidden ones left out), oldest first, never followed."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            found.append(Entry(entry.name, mtime, entry.inode()))
+    found.sort(key=lambda e: (e.mtime_ns, e.name))
+    return found
 
 
 def _count_json(directory: Path) -> int:
