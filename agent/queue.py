@@ -73,7 +73,7 @@ __all__ = [
 
 DIRS = ("tmp", "incoming", "processing", "outgoing", "failed", "files")
 MAX_NAME_BYTES = 200  # names the queue gives; leaves room for .reason and temp suffixes
-MESSAGE_MODE = 0o640  # messages a producer writes through enqueue (minus the umask)
+MESSAGE_MODE = 0o644  # messages enqueue writes, minus the umask: the service user must read them
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 MACHINE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE}
