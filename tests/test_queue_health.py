@@ -216,3 +216,36 @@ def test_a_full_disk_defers_entries_with_backoff_and_loses_nothing(agent_env, sm
     reason = wait_for(lambda: _read(queue.failed / "poison.json.reason"), timeout=90, what="reason")
     assert "malformed JSON" in json.loads(reason)["reason"]
     assert os.listdir(queue.processing) == []
+
+
+def test_a_mount_point_in_incoming_is_quarantined_once_and_skipped(agent_env):
+    """Root moves any file, but not a mount point (EBUSY): it stays, skipped, not retried."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        skip_or_fail("needs root to bind-mount a file onto an entry of incoming/")
+    agent_env.write_config(**{"agents.default": {"command": ["cat"]}, "logging": {"sink": "file"}})
+    queue = Queue(agent_env.state_dir / "queue")
+    queue.ensure_dirs()
+    target = queue.incoming / "0-mounted.json"
+    target.write_text("{}")
+    source = agent_env.root / "source.json"
+    source.write_text(json.dumps(new_message("local", "x", "t", "t", "mounted")))
+    done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True)
+    if done.returncode != 0:
+        skip_or_fail(f"cannot bind-mount: {done.stderr.decode().strip()}")
+    try:
+        agent_env.start()
+        for i in range(3):  # several rounds: the quarantined entry is never tried again
+            stage(queue, f"1-good-{i}.json", new_message("local", "hi", "t", "t", f"m{i}"))
+            wait_for(lambda i=i: (queue.outgoing / f"local_m{i}.json").exists(), what=f"m{i}")
+        reason_file = queue.failed / "0-mounted.json.reason"
+        note = json.loads(wait_for(lambda: _read(reason_file), what="the quarantine note"))
+        assert note["quarantined"] is True and "EBUSY" in note["reason"]
+        assert len(agent_env.events("message.quarantined")) == 1
+        detail = wait_for(
+            lambda: (d := agent_env.worker("queue")["detail"])["quarantined"] == 1 and d,
+            what="status counting the quarantined entry",
+        )
+        assert detail["depth"] == 0 and agent_env.status()[0] == 0
+    finally:
+        agent_env.agentctl("stop")
+        subprocess.run(["umount", str(target)], check=False)
