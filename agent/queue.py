@@ -237,6 +237,7 @@ class Queue:
         self.failed = self.root / "failed"
         self.files = self.root / "files"
         self._replies = threading.RLock()  # check-then-write of outgoing/ and failed/ names
+        self._unsynced: list[Path] = []  # reason files of fail(sync=False) not fsynced yet
 
     def ensure_dirs(self) -> None:
         for sub in DIRS:
@@ -371,23 +372,29 @@ class Queue:
 
         A valid message is named like its reply (a message run again overwrites its own
         entry), unless a different message of that id holds the name; a duplicate always
-        gets a name of its own. sync=False leaves the directory fsyncs to sync_failed().
+        gets a name of its own. sync=False leaves the fsyncs to sync_failed(), for a batch.
         """
         with self._replies:
             target = self._failed_name(name, message, duplicate)
-            failure = Failure.about(reason, name, message)
-            _write_private(
-                self.failed / f"{target}.reason", _json_bytes(failure.as_json()), sync, sync
-            )
+            reason_path = self.failed / f"{target}.reason"
+            data = _json_bytes(Failure.about(reason, name, message).as_json())
+            _write_private(reason_path, data, sync_dir=False, sync=sync)
             os.replace(self.processing / name, self.failed / target)
+            if not sync:
+                self._unsynced.append(reason_path)
         if sync:
-            self.sync_failed()
+            fsync_dir(self.failed)
+            fsync_dir(self.processing)
         return target
 
     def sync_failed(self) -> None:
-        """Make a batch of fail(sync=False) durable: one syncfs(2) for the reason files'
-        content (one fsync each costs more than the rest of a rejection), then the dirs."""
-        _syncfs(self.failed)
+        """Make a batch of fail(sync=False) durable: every reason file written, then the
+        directories. Batched, the fsyncs after the first find little left to write."""
+        with self._replies:
+            pending, self._unsynced = self._unsynced, []
+        for path in pending:
+            with contextlib.suppress(FileNotFoundError):
+                _fsync_file(path)
         fsync_dir(self.failed)
         fsync_dir(self.processing)
 
@@ -516,18 +523,10 @@ def _write_private(path: Path, data: bytes, sync_dir: bool = True, sync: bool = 
     _write_new(path, data, sync_dir, sync=sync)
 
 
-def _syncfs(directory: Path) -> None:
-    """syncfs(2) on the filesystem holding directory; os.sync() where libc lacks it."""
-    import ctypes  # here: only a batch of rejections needs it
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if not hasattr(libc, "syncfs"):
-            os.sync()
-        elif libc.syncfs(fd) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error), str(directory))
+        os.fsync(fd)
     finally:
         os.close(fd)
 
