@@ -118,6 +118,13 @@ class DispatcherConfig(Section):
     }
 
 
+class QueueConfig(Section):
+    FIELDS = {
+        # messages waiting longer than this while none is claimed: degraded, no watchdog
+        "stall_timeout": Setting(600.0, "float", SECONDS, _positive),
+    }
+
+
 class AgentConfig(Section):
     """[agents.NAME]: the AI agent command a message is handed to (argv, no shell)."""
 
@@ -170,6 +177,7 @@ SECTIONS: dict[str, type[Section]] = {
     "logging": LoggingConfig,
     "heartbeat": HeartbeatConfig,
     "dispatcher": DispatcherConfig,
+    "queue": QueueConfig,
     "slack": SlackConfig,
 }
 TABLES_OF: dict[str, type[Section]] = {"agents": AgentConfig}
@@ -193,6 +201,7 @@ class Config:
         self.logging: LoggingConfig = sections.get("logging") or LoggingConfig()
         self.heartbeat: HeartbeatConfig = sections.get("heartbeat") or HeartbeatConfig()
         self.dispatcher: DispatcherConfig = sections.get("dispatcher") or DispatcherConfig()
+        self.queue: QueueConfig = sections.get("queue") or QueueConfig()
         self.slack: SlackConfig = sections.get("slack") or SlackConfig()
 
     @property

@@ -1,4 +1,4 @@
-"""The on-disk message queue: its directories, its file format, and every move in it.
+"""The on-disk message queue: its directories and every read, move and write in them.
 
 Layout under state_dir/queue/ (documented in docs/queue.md; other programs rely on it):
   tmp/         producers may stage a file here before renaming it into incoming/
@@ -6,14 +6,29 @@ Layout under state_dir/queue/ (documented in docs/queue.md; other programs rely 
   processing/  claimed messages; anything left here at start goes back to incoming/
   outgoing/    replies, named <channel>_<messageId>.json so a retry overwrites, never adds
   failed/      messages that can never succeed, each with a <name>.reason file
+  files/       attachments: a message's `files` must resolve under it
 
+This module is the only one that touches queue/ (producers, the workers, `agentctl send`
+and the Slack link all come through it), so its trust rules hold in one place:
+  - an entry is read only through read_entry: O_NOFOLLOW | O_NONBLOCK, fstat must say
+    regular file, at most MAX_MESSAGE_BYTES + 1 bytes; anything else is InvalidMessage
+  - an OSError is either about the entry (InvalidMessage: permanent, never retried) or
+    about the machine (MachineTrouble: disk full, EIO, read-only; retried with backoff)
+  - files the queue creates (replies, reason files) are 0600 from their first byte, never
+    chmod-widened; names it gives are at most MAX_NAME_BYTES bytes
+  - a second, different message with the (channel, messageId) of a reply or failed
+    entry never overwrites it: it goes to failed/ under a name of its own
 Every move is an atomic rename followed by an fsync of the directories it touched.
 "Oldest" is the file's mtime (a rename keeps it), ties broken by name.
 """
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import stat
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,93 +37,194 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.clock import iso_utc
-from agent.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from agent.dirwatch import DirWatcher
+from agent.fsutil import atomic_write_bytes, fsync_dir
+from agent.messages import (
+    ATTEMPTS,
+    LAST_ERROR,
+    MAX_MESSAGE_BYTES,
+    InvalidMessage,
+    Message,
+    fingerprint,
+    make_reply,
+    new_message,
+    parse,
+    reply_name,
+    same_message,
+    validate,
+)
 
-DIRS = ("tmp", "incoming", "processing", "outgoing", "failed")
-REQUIRED_TEXT = ("channel", "messageId", "message", "sender", "senderId")
-OPTIONAL_TEXT = ("channelProfileId", "conversationId", "agent")
-ATTEMPTS = "attempts"  # written by the queue itself: failed runs so far
-LAST_ERROR = "lastError"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Claim",
+    "Entry",
+    "Failure",
+    "InvalidMessage",
+    "MachineTrouble",
+    "Message",
+    "Queue",
+    "make_reply",
+    "new_message",
+    "parse",
+    "read_entry",
+    "reply_name",
+    "validate",
+]
+
+DIRS = ("tmp", "incoming", "processing", "outgoing", "failed", "files")
+MAX_NAME_BYTES = 200  # names the queue gives; leaves room for .reason and temp suffixes
+MESSAGE_MODE = 0o644  # messages enqueue writes, minus the umask: the service user must read them
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+MACHINE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE}
+    | {errno.ENFILE, errno.EAGAIN, errno.EINTR}
+)
+DUPLICATE = "duplicate messageId"
 
 
-class InvalidMessage(Exception):
-    """The file is not a valid message; it goes to failed/ with this reason."""
+class MachineTrouble(Exception):
+    """Trouble with the machine, not the message (disk full, EIO, read-only): retry later."""
+
+    def __init__(self, text: str, error: OSError):
+        super().__init__(text)
+        self.errno = error.errno
+
+
+def is_machine_trouble(exc: OSError) -> bool:
+    return exc.errno in MACHINE_ERRNOS
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A candidate in incoming/: its name, its place in the order, and which file it is."""
+
+    name: str
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class Unmovable:
+    """An entry of incoming/ that cannot be renamed out of it (e.g. a mount point)."""
+
+    entry: Entry
+    reason: str
 
 
 @dataclass
-class Message:
-    name: str  # file name in processing/
-    data: dict[str, Any]
+class Claim:
+    """What one claim round did: names now in processing/, entries it could not move,
+    and the machine trouble that cut it short (if any)."""
 
-    @property
-    def channel(self) -> str:
-        return self.data["channel"]
-
-    @property
-    def message_id(self) -> str:
-        return self.data["messageId"]
-
-    @property
-    def attempts(self) -> int:
-        return self.data.get(ATTEMPTS, 0)
-
-    @property
-    def conversation(self) -> tuple[str, str | None, str | None]:
-        return (self.channel, self.data.get("channelProfileId"), self.data.get("conversationId"))
-
-    @property
-    def reply_name(self) -> str:
-        return reply_name(self.channel, self.message_id)
+    claimed: list[str]
+    unmovable: list[Unmovable]
+    trouble: MachineTrouble | None = None
+    looked_at: int = 0  # how many of the entries given are out of incoming/ or gone
 
 
-def reply_name(channel: str, message_id: str) -> str:
-    """outgoing/<channel>_<messageId>.json, made safe (and still unique) as a file name."""
-    return f"{quote(channel, safe='')}_{quote(message_id, safe='')}.json"
+@dataclass(frozen=True)
+class Failure:
+    """The one shape of a failed/<name>.reason file (docs/queue.md)."""
+
+    reason: str
+    file: str  # its name where it was: processing/, incoming/ (quarantined) or outgoing/
+    attempts: int = 0
+    channel: str | None = None
+    message_id: str | None = None
+    quarantined: bool = False
+
+    @classmethod
+    def about(cls, reason: str, name: str, message: Message | None) -> "Failure":
+        if message is None:
+            return cls(reason, name)
+        return cls(reason, name, message.attempts, message.channel, message.message_id)
+
+    @classmethod
+    def about_reply(cls, reason: str, name: str, reply: Any) -> "Failure":
+        if not isinstance(reply, dict) or not isinstance(reply.get("channel"), str):
+            return cls(reason, name)
+        return cls(reason, name, 0, reply["channel"], str(reply.get("messageId")))
+
+    def as_json(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "reason": self.reason,
+            "failedAt": iso_utc(),
+            "file": printable(self.file),
+            ATTEMPTS: self.attempts,
+        }
+        if self.channel is not None:
+            info.update(channel=self.channel, messageId=self.message_id)
+        if self.quarantined:
+            info["quarantined"] = True
+        return info
 
 
-def validate(data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise InvalidMessage(f"expected a JSON object, got {type(data).__name__}")
-    for key in REQUIRED_TEXT:
-        if key not in data:
-            raise InvalidMessage(f"missing required field '{key}'")
-        if not isinstance(data[key], str):
-            raise InvalidMessage(f"field '{key}' must be a string")
-    for key in ("channel", "messageId"):
-        if not data[key]:
-            raise InvalidMessage(f"field '{key}' must not be empty")
-    if "timestamp" not in data:
-        raise InvalidMessage("missing required field 'timestamp'")
-    if isinstance(data["timestamp"], bool) or not isinstance(data["timestamp"], int | float):
-        raise InvalidMessage("field 'timestamp' must be a number (ms since epoch)")
-    for key in OPTIONAL_TEXT:
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise InvalidMessage(f"field '{key}' must be a string")
-    files = data.get("files")
-    if files is not None and (
-        not isinstance(files, list)
-        or not all(isinstance(f, str) and os.path.isabs(f) for f in files)
-    ):
-        raise InvalidMessage("field 'files' must be an array of absolute paths")
-    attempts = data.get(ATTEMPTS, 0)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
-        raise InvalidMessage(f"field '{ATTEMPTS}' must be a whole number >= 0")
-    return data
+def printable(name: str) -> str:
+    """A file name as text that any log or JSON file can hold (undecodable bytes as \\xNN)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def parse(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"message file larger than {MAX_MESSAGE_BYTES} bytes")
+def read_entry(path: Path, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    """The bytes of a regular file, never following a symlink nor blocking on a FIFO.
+
+    FileNotFoundError when it is gone; InvalidMessage for anything wrong with the entry;
+    MachineTrouble when the machine failed us.
+    """
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidMessage(f"not UTF-8: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidMessage(f"malformed JSON: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # e.g. nesting too deep for the parser
-        raise InvalidMessage(f"unreadable JSON: {type(exc).__name__}: {exc}") from None
-    return validate(data)
+        fd = os.open(path, OPEN_FLAGS)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _classified(exc, "cannot open") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidMessage(f"not a regular file ({_kind(info.st_mode)})")
+        if info.st_size > limit:
+            raise InvalidMessage(f"message file larger than {limit} bytes ({info.st_size})")
+        return _read_at_most(fd, limit)
+    except OSError as exc:
+        raise _classified(exc, "cannot read") from None
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = os.read(fd, min(1 << 16, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > limit:  # it grew after fstat
+        raise InvalidMessage(f"message file larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def _classified(exc: OSError, what: str) -> Exception:
+    text = f"{what}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+    if is_machine_trouble(exc):
+        return MachineTrouble(text, exc)
+    if exc.errno == errno.ELOOP:
+        return InvalidMessage("is a symbolic link (never followed)")
+    if exc.errno == errno.ENXIO:
+        return InvalidMessage("not a regular file (a socket or a device without a reader)")
+    return InvalidMessage(text)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return f"mode {mode:o}"
 
 
 class Queue:
@@ -119,6 +235,9 @@ class Queue:
         self.processing = self.root / "processing"
         self.outgoing = self.root / "outgoing"
         self.failed = self.root / "failed"
+        self.files = self.root / "files"
+        self._replies = threading.RLock()  # check-then-write of outgoing/ and failed/ names
+        self._unsynced: list[Path] = []  # reason files of fail(sync=False) not fsynced yet
 
     def ensure_dirs(self) -> None:
         for sub in DIRS:
@@ -126,39 +245,52 @@ class Queue:
 
     # ---- claiming
 
+    def waiting(self) -> list[Entry]:
+        """Message entries in incoming/, oldest first (mtime, then name). Any kind of
+        entry: claiming is a rename, and reading (with its checks) comes after."""
+        return _entries(self.incoming)
+
     def oldest_first(self, directory: Path) -> list[str]:
         """Message file names in a directory, oldest first (mtime, then name)."""
-        found = []
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                    continue
-                try:
-                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
-                except FileNotFoundError:
-                    continue
-        found.sort()
-        return [name for _, name in found]
+        return [entry.name for entry in _entries(directory)]
 
-    def claim_all(self, limit: int | None = None) -> list[str]:
-        """Move incoming messages (at most limit) into processing/, oldest first."""
-        claimed = []
-        for name in self.oldest_first(self.incoming)[:limit]:
-            target = _free_name(self.processing, name)
+    def claim(self, entries: list[Entry]) -> Claim:
+        """Move entries from incoming/ into processing/, in the order given."""
+        result = Claim([], [])
+        for entry in entries:
+            target = _free_name(self.processing, entry.name)
             try:
-                os.rename(self.incoming / name, self.processing / target)
+                os.rename(self.incoming / entry.name, self.processing / target)
             except FileNotFoundError:
+                result.looked_at += 1
                 continue
-            claimed.append(target)
-        if claimed:
+            except OSError as exc:
+                problem = _classified(exc, "cannot move out of incoming/")
+                if isinstance(problem, MachineTrouble):
+                    result.trouble = problem
+                    break
+                result.unmovable.append(Unmovable(entry, str(problem)))
+                result.looked_at += 1
+                continue
+            result.claimed.append(target)
+            result.looked_at += 1
+        if result.claimed:
             try:
                 fsync_dir(self.processing)
                 fsync_dir(self.incoming)
-            except OSError:
+            except OSError as exc:
                 with contextlib.suppress(OSError):
-                    self.unclaim(claimed)  # not durable: nobody may work on them yet
-                raise
-        return claimed
+                    self.unclaim(result.claimed)  # not durable: nobody may work on them yet
+                trouble = MachineTrouble(f"fsync: {exc}", exc)
+                return Claim([], result.unmovable, trouble, len(result.unmovable))
+        return result
+
+    def claim_all(self, limit: int | None = None) -> list[str]:
+        """Move incoming messages (at most limit) into processing/, oldest first."""
+        result = self.claim(self.waiting()[:limit])
+        if result.trouble is not None and not result.claimed:
+            raise OSError(result.trouble.errno, str(result.trouble))
+        return result.claimed
 
     def recover(self) -> list[str]:
         """At start: everything left in processing/ goes back to incoming/, order kept."""
@@ -192,15 +324,41 @@ class Queue:
         return _count_json(self.incoming)
 
     def load(self, name: str) -> Message:
-        """Read a claimed message; InvalidMessage if it is not one, OSError if it is gone."""
-        raw = (self.processing / name).read_bytes()
-        return Message(name, parse(raw))
+        """A claimed message. InvalidMessage if it is not one (permanent), MachineTrouble
+        when the machine failed to read it, FileNotFoundError if it is gone."""
+        return Message(name, parse(read_entry(self.processing / name), self.files))
+
+    def is_claimed(self, name: str) -> bool:
+        return os.path.lexists(self.processing / name)
+
+    def is_waiting(self, name: str) -> bool:
+        """Is a file of this name in incoming/ or processing/ (not yet answered or failed)?"""
+        return any(os.path.lexists(d / name) for d in (self.incoming, self.processing))
+
+    def duplicate_of(self, message: Message) -> str | None:
+        """Where a different message with this (channel, messageId) already ended, or None."""
+        name = message.reply_name
+        reply = self._read_json(self.outgoing / name)
+        if reply is not None and not same_message(message, reply):
+            return f"outgoing/{name}"
+        earlier = self._read_json(self.failed / name)
+        if isinstance(earlier, dict) and fingerprint(earlier) != message.fingerprint:
+            return f"failed/{name}"
+        return None
 
     # ---- outcomes
 
     def write_reply(self, message: Message, reply: dict[str, Any]) -> Path:
+        """outgoing/<channel>_<messageId>.json; a reply to a different message of the same
+        id is never overwritten: this message goes to failed/ as a duplicate instead."""
         path = self.outgoing / message.reply_name
-        atomic_write_json(path, reply)
+        with self._replies:
+            existing = self._read_json(path)
+            if existing is not None and not same_message(message, existing):
+                reason = f"{DUPLICATE}: outgoing/{path.name} answers another message"
+                target = self.fail(message.name, reason, message, duplicate=True)
+                return self.failed / target
+            _write_private(path, _json_bytes(reply))
         return path
 
     def done(self, name: str) -> None:
@@ -209,43 +367,152 @@ class Queue:
             os.unlink(self.processing / name)
         fsync_dir(self.processing)
 
-    def fail(self, name: str, reason: str, message: Message | None = None) -> str:
-        """Move a claimed file to failed/ with a reason file; returns its name there."""
-        # a valid message is named like its reply, so a reprocessed one overwrites its entry
-        target = message.reply_name if message is not None else _free_name(self.failed, name)
-        info = {
-            "reason": reason,
-            "failedAt": iso_utc(),
-            "file": name,
-            ATTEMPTS: message.attempts if message else 0,
-        }
-        if message is not None:
-            info.update(channel=message.channel, messageId=message.message_id)
-        atomic_write_json(self.failed / f"{target}.reason", info)
-        os.replace(self.processing / name, self.failed / target)
+    def fail(
+        self,
+        name: str,
+        reason: str,
+        message: Message | None = None,
+        sync: bool = True,
+        duplicate: bool = False,
+    ) -> str:
+        """Move a claimed entry to failed/ with a reason file; returns its name there.
+
+        A valid message is named like its reply (a message run again overwrites its own
+        entry), unless a different message of that id holds the name; a duplicate always
+        gets a name of its own. sync=False leaves the fsyncs to sync_failed(), for a batch.
+        """
+        with self._replies:
+            target = self._failed_name(name, message, duplicate)
+            reason_path = self.failed / f"{target}.reason"
+            data = _json_bytes(Failure.about(reason, name, message).as_json())
+            _write_private(reason_path, data, sync_dir=False, sync=sync)
+            os.replace(self.processing / name, self.failed / target)
+            if not sync:
+                self._unsynced.append(reason_path)
+        if sync:
+            fsync_dir(self.failed)
+            fsync_dir(self.processing)
+        return target
+
+    def sync_failed(self) -> None:
+        """Make a batch of fail(sync=False) durable: every reason file written, then the
+        directories. Batched, the fsyncs after the first find little left to write."""
+        with self._replies:
+            pending, self._unsynced = self._unsynced, []
+        for path in pending:
+            with contextlib.suppress(FileNotFoundError):
+                _fsync_file(path)
         fsync_dir(self.failed)
         fsync_dir(self.processing)
-        return target
+
+    def note_quarantined(self, name: str, reason: str) -> str:
+        """A reason file for an entry that cannot leave incoming/; returns its name."""
+        target = _free_name(self.failed, name)
+        failure = Failure(reason, name, quarantined=True)
+        _write_private(self.failed / f"{target}.reason", _json_bytes(failure.as_json()))
+        return f"{target}.reason"
 
     def record_attempt(self, message: Message, error: str) -> None:
         """Count one more failed run in the file itself, keeping its place in the order."""
         message.data[ATTEMPTS] = message.attempts + 1
         message.data[LAST_ERROR] = error
         path = self.processing / message.name
-        stat = os.stat(path)
+        info = os.stat(path, follow_symlinks=False)
         data = json.dumps(message.data, ensure_ascii=False, indent=2).encode() + b"\n"
-        atomic_write_bytes(path, data, stat.st_mode & 0o777, (stat.st_atime_ns, stat.st_mtime_ns))
+        atomic_write_bytes(path, data, info.st_mode & 0o777, (info.st_atime_ns, info.st_mtime_ns))
+
+    def _failed_name(self, name: str, message: Message | None, duplicate: bool) -> str:
+        if message is None:
+            return _free_name(self.failed, name)
+        target = message.reply_name
+        if duplicate:
+            return _free_name(self.failed, f"{target[: -len('.json')]}.{uuid.uuid4().hex[:8]}.json")
+        earlier = self._read_json(self.failed / target)
+        if earlier is None and not os.path.lexists(self.failed / target):
+            return target
+        if isinstance(earlier, dict) and fingerprint(earlier) == message.fingerprint:
+            return target  # the same message, run again
+        return _free_name(self.failed, target)
+
+    # ---- replies, for whoever delivers a channel's replies
+
+    def replies(self, channel: str) -> list[str]:
+        """Names of outgoing/<channel>_*.json, oldest first."""
+        prefix = f"{quote(channel, safe='')}_"
+        return [n for n in self.oldest_first(self.outgoing) if n.startswith(prefix)]
+
+    def read_reply(self, name: str) -> dict[str, Any]:
+        """A reply in outgoing/; FileNotFoundError if gone, InvalidMessage if not a reply."""
+        raw = read_entry(self.outgoing / name)
+        try:
+            reply = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+            raise InvalidMessage(f"unreadable reply JSON: {exc}") from None
+        if not isinstance(reply, dict):
+            raise InvalidMessage(f"expected a JSON object, got {type(reply).__name__}")
+        return reply
+
+    def take_reply(self, channel: str, message_id: str) -> dict[str, Any] | None:
+        """The reply to a message, removed from outgoing/ (it reached its reader); or None."""
+        name = reply_name(channel, message_id)
+        reply = self._read_json(self.outgoing / name)
+        if reply is not None:
+            self.remove_reply(name)
+        return reply
+
+    def incoming_watcher(self) -> DirWatcher:
+        """Wakes when a message may have arrived in incoming/ (close it when done)."""
+        return DirWatcher(self.incoming)
+
+    def reply_watcher(self) -> DirWatcher:
+        """Wakes when a reply may have arrived in outgoing/ (close it when done)."""
+        return DirWatcher(self.outgoing)
+
+    def remove_reply(self, name: str) -> None:
+        try:
+            os.unlink(self.outgoing / name)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.outgoing)
+
+    def failure(self, channel: str, message_id: str) -> dict[str, Any] | None:
+        """The reason of a message that ended in failed/ under its reply name, or None."""
+        name = reply_name(channel, message_id)
+        if not os.path.lexists(self.failed / name):
+            return None
+        reason = self._read_json(self.failed / f"{name}.reason")
+        return reason if isinstance(reason, dict) else {"reason": "(reason file unreadable)"}
+
+    def fail_reply(self, name: str, reason: str, reply: Any = None) -> str | None:
+        """A reply that cannot be delivered, untouched, into failed/ with its reason file."""
+        with self._replies:
+            target = _free_name(self.failed, name)
+            failure = Failure.about_reply(reason, name, reply)
+            _write_private(self.failed / f"{target}.reason", _json_bytes(failure.as_json()))
+            try:
+                os.replace(self.outgoing / name, self.failed / target)
+            except FileNotFoundError:
+                return None
+        fsync_dir(self.failed)
+        fsync_dir(self.outgoing)
+        return target
+
+    def _read_json(self, path: Path) -> Any:
+        try:
+            return json.loads(read_entry(path).decode("utf-8"))
+        except (OSError, ValueError, InvalidMessage, MachineTrouble):
+            return None
 
     # ---- producers
 
     def enqueue(self, data: dict[str, Any], name: str | None = None) -> Path:
         """Write a message the way every producer should: stage in tmp/, rename in."""
-        validate(data)
+        validate(data, self.files)
         name = name or f"{time.time_ns()}_{quote(data['channel'], safe='')}_{uuid.uuid4().hex}"
         if not name.endswith(".json"):
             name += ".json"
         staged = self.tmp / f"{name}.{uuid.uuid4().hex[:8]}"
-        atomic_write_json(staged, data)
+        _write_new(staged, _json_bytes(data), sync_dir=False, mode=MESSAGE_MODE)
         target = self.incoming / name
         os.rename(staged, target)
         fsync_dir(self.incoming)
@@ -253,51 +520,92 @@ class Queue:
         return target
 
 
-def new_message(
-    channel: str,
-    text: str,
-    sender: str,
-    sender_id: str,
-    message_id: str | None = None,
-    **optional: Any,
-) -> dict[str, Any]:
-    data = {
-        "channel": channel,
-        "messageId": message_id or f"{time.time_ns()}-{uuid.uuid4().hex[:8]}",
-        "message": text,
-        "sender": sender,
-        "senderId": sender_id,
-        "timestamp": int(time.time() * 1000),
-    }
-    data.update({k: v for k, v in optional.items() if v is not None})
-    return data
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, sort_keys=True, indent=2) + "\n").encode()
 
 
-def make_reply(message: Message, text: str, agent: str) -> dict[str, Any]:
-    data = message.data
-    return {
-        "channel": data["channel"],
-        "channelProfileId": data.get("channelProfileId"),
-        "conversationId": data.get("conversationId"),
-        "messageId": data["messageId"],
-        "sender": data["sender"],
-        "senderId": data["senderId"],
-        "message": text,
-        "originalMessage": data["message"],
-        "agent": agent,
-        "timestamp": int(time.time() * 1000),
-    }
+def _write_private(path: Path, data: bytes, sync_dir: bool = True, sync: bool = True) -> None:
+    """Atomic, durable, and 0600 from its creation: mkstemp creates with O_EXCL (never
+    through a symlink) and mode 0600, and nothing chmods it wider afterwards."""
+    _write_new(path, data, sync_dir, sync=sync)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(
+    path: Path, data: bytes, sync_dir: bool = True, mode: int | None = None, sync: bool = True
+) -> None:
+    """Temp file, fsync (unless sync is False: the caller syncs a batch), rename into
+    place, fsync the directory (unless sync_dir is False).
+
+    mode None: 0600 (mkstemp's). Otherwise the temp file is created with mode, as
+    narrowed by the umask, through os.open(O_CREAT | O_EXCL | O_NOFOLLOW).
+    """
+    import tempfile  # here: only writers need it
+
+    if mode is None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    else:
+        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def _fit(name: str) -> str:
+    """name, or a shortened one (with a digest of the whole) when longer than MAX_NAME_BYTES."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: MAX_NAME_BYTES - 40].decode("utf-8", "surrogateescape")
+    return f"{head}.{digest}.json"
 
 
 def _free_name(directory: Path, name: str) -> str:
-    """name, or name with a suffix when directory already holds a file of that name."""
-    if not (directory / name).exists():
+    """name (fitted), or with a suffix when directory already holds an entry of that name."""
+    name = _fit(name)
+    if not os.path.lexists(directory / name):
         return name
     stem = name[: -len(".json")] if name.endswith(".json") else name
     while True:
         candidate = f"{stem}.{uuid.uuid4().hex[:8]}.json"
-        if not (directory / candidate).exists():
+        if not os.path.lexists(directory / candidate):
             return candidate
+
+
+def _entries(directory: Path) -> list[Entry]:
+    """*.json entries of a directory (hidden ones left out), oldest first, never followed."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            found.append(Entry(entry.name, mtime, entry.inode()))
+    found.sort(key=lambda e: (e.mtime_ns, e.name))
+    return found
 
 
 def _count_json(directory: Path) -> int:

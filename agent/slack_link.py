@@ -15,7 +15,6 @@ Tokens are read from files and never logged: every error text passes through red
 """
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -27,14 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.clock import iso_utc
 from agent.config import Config, SlackProfileConfig
-from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
-from agent.queue import Queue
+from agent.queue import InvalidMessage, MachineTrouble, Queue
 from agent.slack_store import ProfileStore, safe_name, ts_key
 
 WORKER = "slack"
+CHANNEL = "slack"  # the queue channel of Slack messages and replies
 RECONNECT_BACKOFF = 0.5  # first reconnect delay; doubles up to RECONNECT_BACKOFF_MAX
 RECONNECT_BACKOFF_MAX = 30.0
 STABLE_SECONDS = 30.0  # a connection up this long resets the reconnect backoff
@@ -184,10 +182,9 @@ class ProfileLink:
         self.name = name
         self.profile = profile
         self.api_base_url = config.slack.api_base_url
-        self.queue_dir = config.queue_dir
         self.queue = Queue(config.queue_dir)
         self.store = ProfileStore(config.state_dir, name)
-        self.outbox: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue[str] = queue.SimpleQueue()  # reply names
         self.pending: set[str] = set()  # outgoing file names handed over and not finished
         self.pending_lock = threading.Lock()
         self.stop_event = threading.Event()
@@ -532,7 +529,7 @@ class ProfileLink:
         thread = str(message.get("thread_ts") or ts)
         text = (message.get("text") or "").replace(f"<@{self.bot_user_id}>", "").strip()
         item: dict[str, Any] = {
-            "channel": "slack",
+            "channel": CHANNEL,
             "channelProfileId": self.name,
             "conversationId": thread,
             "messageId": ts,
@@ -596,49 +593,52 @@ class ProfileLink:
 
     # ---- outbound
 
-    def offer(self, path: Path) -> None:
+    def offer(self, name: str) -> None:
+        """Post the reply outgoing/<name> (once: a name already handed over is ignored)."""
         with self.pending_lock:
-            if path.name in self.pending:
+            if name in self.pending:
                 return
-            self.pending.add(path.name)
-        self.outbox.put(path)
+            self.pending.add(name)
+        self.outbox.put(name)
         self.kick.set()
 
-    def _finish(self, path: Path) -> None:
+    def _finish(self, name: str) -> None:
         with self.pending_lock:
-            self.pending.discard(path.name)
+            self.pending.discard(name)
 
     def _drain_outbox(self) -> None:
         while not self.stop_event.is_set() and self.state == RUNNING:
             try:
-                path = self.outbox.get_nowait()
+                name = self.outbox.get_nowait()
             except queue.Empty:
                 return
             # A SlackProblem (the profile's auth failed) leaves the reply where it is and
             # ends the connection: _live reports it and reconnects with backoff.
             try:
-                done = self._post(path)
+                done = self._post(name)
             finally:
-                self._finish(path)  # finished or not: the next scan may hand it over again
+                self._finish(name)  # finished or not: the next scan may hand it over again
             if not done:
                 return  # stopping
 
-    def _post(self, path: Path) -> bool:
+    def _post(self, name: str) -> bool:
         """Post one reply; True when it is finished (posted or failed), False when stopping."""
         from slack_sdk.errors import SlackApiError
 
         try:
-            reply = json.loads(path.read_text())
+            reply = self.queue.read_reply(name)
         except FileNotFoundError:
             return True
-        except (OSError, ValueError) as exc:
-            move_to_failed(self.queue_dir, path, f"unreadable reply: {exc}")
+        except MachineTrouble:
+            return True  # the file stays in outgoing/: the next scan hands it over again
+        except InvalidMessage as exc:
+            move_to_failed(self.queue, name, f"unreadable reply: {exc}")
             return True
         message_id = str(reply.get("messageId") or "")
         route = self.store.route(message_id) if message_id else None
         if route is None:
             reason = f"no Slack route for message {message_id!r}"
-            move_to_failed(self.queue_dir, path, reason, reply)
+            move_to_failed(self.queue, name, reason, reply)
             return True
         text = str(reply.get("message") or "").strip() or "(empty reply)"
         backoff = POST_BACKOFF
@@ -673,7 +673,7 @@ class ProfileLink:
                         return False
                     backoff = min(backoff * 2, POST_BACKOFF_MAX)
                     continue
-                move_to_failed(self.queue_dir, path, f"chat.postMessage: {error}", reply)
+                move_to_failed(self.queue, name, f"chat.postMessage: {error}", reply)
                 self.store.drop_route(message_id)
                 event(
                     "slack.reply.failed",
@@ -691,7 +691,7 @@ class ProfileLink:
                     return False
                 backoff = min(backoff * 2, POST_BACKOFF_MAX)
                 continue
-            _remove(path)
+            self.queue.remove_reply(name)
             self.store.drop_route(message_id)
             self.posted += 1
             event(
@@ -753,33 +753,15 @@ def _retry_after(response: Any) -> float:
         return 1.0
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    fsync_dir(path.parent)
-
-
-def move_to_failed(queue_dir: Path, path: Path, reason: str, reply: Any = None) -> None:
-    """The reply, untouched, into failed/, with `<name>.reason` saying why (as the queue does)."""
-    failed = queue_dir / "failed"
-    failed.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"reason": reason, "failedAt": iso_utc(), "file": path.name}
-    if isinstance(reply, dict):
-        info.update(channel=reply.get("channel"), messageId=reply.get("messageId"))
-    atomic_write_json(failed / f"{path.name}.reason", info)
-    try:
-        os.replace(path, failed / path.name)
-    except FileNotFoundError:
-        return
-    fsync_dir(failed)
-    fsync_dir(path.parent)
+def move_to_failed(queue: Queue, name: str, reason: str, reply: Any = None) -> None:
+    """The reply outgoing/<name>, untouched, into failed/ with its reason file."""
+    if queue.fail_reply(name, reason, reply) is None:
+        return  # already gone
     event(
         "slack.reply.failed_file",
-        f"reply {path.name} moved to failed/: {reason}",
+        f"reply {name} moved to failed/: {reason}",
         worker=WORKER,
         level=logging.ERROR,
-        file=path.name,
+        file=name,
         reason=reason,
     )

@@ -418,10 +418,10 @@ class Supervisor:
     # ---- health, notify, state
 
     def workers_fresh(self, now: float) -> bool:
-        """Watchdog evidence: no worker is hung and every running worker heartbeats."""
+        """Watchdog evidence: no worker is hung or stalled, every running worker heartbeats."""
         limit = self.config.supervisor.hang_timeout
         for runner in self.runners:
-            if runner.state == WorkerState.HUNG:
+            if runner.state == WorkerState.HUNG or runner.stalled():
                 return False
             if is_hung(runner.state, runner.heartbeat_age(now), limit):
                 return False

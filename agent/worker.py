@@ -6,7 +6,9 @@ A worker implements four things:
                    ctx.wait() also records the heartbeat that proves the loop is alive
   shutdown(ctx)    release what initialize took
   wake()           optional: unblock a loop that waits on something else than ctx
-  health()         a small dict of what it is doing, shown by `status`
+  health()         a small dict of what it is doing, shown by `status`; a truthy
+                   `degraded` reason makes the supervisor degraded, and `stalled: true`
+                   also withholds the watchdog, exactly as a hung worker does
   reconfigure(c)   optional: take a reloaded config in place and return True; the
                    default (False) has the supervisor build the worker anew instead
 
@@ -202,6 +204,10 @@ class WorkerRunner:
     def health_detail(self) -> dict[str, Any]:
         """What the worker says about itself now (empty unless it is alive)."""
         return self._health_detail()
+
+    def stalled(self) -> bool:
+        """A running worker whose health() says `stalled`: its work stopped moving."""
+        return self.state == WorkerState.RUNNING and bool(self._health_detail().get("stalled"))
 
     def mark_shutdown_timeout(self) -> bool:
         """Record that this worker did not stop in time; False if it just managed to."""

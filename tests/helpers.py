@@ -55,7 +55,10 @@ class AgentEnv:
     def config_path(self) -> Path:
         return self.root / "agent.toml"
 
-    def write_config(self, **sections: dict[str, Any]) -> None:
+    def write_config(self, no_agent: bool = False, **sections: dict[str, Any]) -> None:
+        """The test config: fast supervisor settings, the given sections, and (unless the
+        sections name agents, or no_agent) a `cat` agent, so that a healthy supervisor
+        is a configured one."""
         self.config = {
             "supervisor": {
                 "stop_timeout": 3,
@@ -64,6 +67,8 @@ class AgentEnv:
                 "restart_limit": 3,
             }
         }
+        if not no_agent and not any(name.startswith("agents.") for name in sections):
+            self.config["agents.default"] = {"command": ["cat"]}
         for name, values in sections.items():
             self.config.setdefault(name, {}).update(values)
         self.config_path.write_text(_toml(self.state_dir, self.config))

@@ -300,7 +300,7 @@ def test_unprivileged_user_gets_a_clear_permission_error(tmp_path_factory):
     state.mkdir(mode=0o700)
     (state / "agent.lock").touch()
     config = root / "agent.toml"
-    config.write_text(f'state_dir = "{state}"\n')
+    config.write_text(f'state_dir = "{state}"\n[agents.default]\ncommand = ["cat"]\n')
     config.chmod(0o644)
     checkout = Path(__file__).resolve().parents[1]
     commands = (["status"], ["status", "--json"], ["logs"], ["stop"], ["start"], ["send", "hi"])

@@ -69,19 +69,20 @@ def test_round_trip_reply_fields_events_and_health(agent_env):
     assert queue["depth"] == 0 and queue["watch"] == "inotify"
 
 
-def test_send_waits_for_the_reply_and_times_out_without_a_supervisor(agent_env):
+def test_send_waits_for_the_reply_and_says_at_once_when_nothing_runs(agent_env):
     agent_env.write_config(**{"agents.default": {"command": ["cat"]}})
-    done = agent_env.agentctl("send", "--wait", "--timeout", "0.3", "anyone?")
-    assert done.returncode == 1
-    assert "no supervisor is running" in done.stderr and "no reply" in done.stderr
+    done = agent_env.agentctl("send", "--wait", "--timeout", "30", "anyone?", timeout=10)
+    assert done.returncode == 3 and "not running" in done.stderr  # at once, nothing queued
+    queued = agent_env.agentctl("send", "anyone?")  # without --wait it waits in the queue
+    assert queued.returncode == 0 and "no supervisor is running" in queued.stderr
     agent_env.start()  # the waiting message is answered now; its reply stays in outgoing/
     wait_for(lambda: outgoing(agent_env), what="the earlier message's reply")
     done = agent_env.agentctl("send", "--wait", "--conversation", "c9", "ping pong")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "ping pong\n"
     done = agent_env.agentctl("send", "--wait", "--agent", "nobody", "hello?")
-    assert done.returncode == 1
-    assert "failed: unknown agent 'nobody'" in done.stderr
+    assert done.returncode == 78  # refused at once, before anything is queued
+    assert "unknown agent 'nobody' (configured: default)" in done.stderr
     done = agent_env.agentctl("send", "no wait")
     assert done.returncode == 0 and done.stdout.startswith("queued local message ")
 
@@ -217,7 +218,7 @@ def test_unknown_agent_and_no_agent_go_to_failed(agent_env):
     assert "none is called 'default'" in failed_reason(agent_env, "local_u2.json")
     assert wait_for(lambda: reply(agent_env, "u3"), what="u3's reply")["agent"] == "two"
     agent_env.stop()
-    agent_env.write_config()  # no [agents.*] at all
+    agent_env.write_config(no_agent=True)  # no [agents.*] at all
     agent_env.start()
     enqueue(agent_env, "x", "u4")
     wait_for(lambda: (failed / "local_u4.json").exists(), what="u4 in failed/")

@@ -56,7 +56,7 @@ def test_a_state_dir_others_may_write_fails(agent_env):
     ],
 )
 def test_agents_that_cannot_run_fail(agent_env, agents, check, said):
-    agent_env.write_config(**agents)
+    agent_env.write_config(no_agent=not agents, **agents)
     code, found = doctor(agent_env)
     assert code == 1 and found[check]["level"] == "fail" and said in found[check]["message"]
     assert found[check]["hint"]

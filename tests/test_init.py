@@ -58,7 +58,7 @@ def test_init_finds_claude_then_codex_on_path(fresh, tmp_path):
 
 
 def test_with_no_agent_status_says_so_and_send_fails_at_once(fresh):
-    fresh.write_config()  # no [agents.*]
+    fresh.write_config(no_agent=True)
     fresh.start()
     code, report = fresh.status()
     assert code == 2 and report["supervisor"]["health"] == "degraded"

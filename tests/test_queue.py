@@ -10,7 +10,7 @@ import pytest
 
 from agent.dirwatch import DirWatcher
 from agent.lanes import Lanes
-from agent.queue import InvalidMessage, Queue, new_message, parse, reply_name
+from agent.queue import InvalidMessage, Queue, make_reply, new_message, parse, reply_name
 from tests.helpers import wait_for
 
 
@@ -70,8 +70,8 @@ def test_reply_is_named_by_channel_and_message_id_and_overwrites(q):
     put(q, "a.json", msg(1))
     [name] = q.claim_all()
     message = q.load(name)
-    q.write_reply(message, {"message": "first"})
-    q.write_reply(message, {"message": "second"})
+    q.write_reply(message, make_reply(message, "first", "default"))
+    q.write_reply(message, make_reply(message, "second", "default"))
     q.done(name)
     assert os.listdir(q.outgoing) == ["local_m1.json"]
     assert json.loads((q.outgoing / "local_m1.json").read_text())["message"] == "second"
@@ -80,7 +80,7 @@ def test_reply_is_named_by_channel_and_message_id_and_overwrites(q):
 
 
 def test_record_attempt_keeps_payload_and_place_in_order(q):
-    original = msg(1, conversationId="t1", files=["/tmp/f"])
+    original = msg(1, conversationId="t1", files=[str(q.files / "f")])
     put(q, "a.json", original, time.time_ns() - 10**9)
     [name] = q.claim_all()
     before = os.stat(q.processing / name).st_mtime_ns
@@ -116,7 +116,7 @@ def test_fail_moves_message_with_reason(q):
         (b"\xff\xfe", "not UTF-8"),
         (b"[1]", "expected a JSON object"),
         (json.dumps({"channel": "x"}).encode(), "missing required field 'messageId'"),
-        (json.dumps({**msg(1), "timestamp": "now"}).encode(), "'timestamp' must be a number"),
+        (json.dumps({**msg(1), "timestamp": "now"}).encode(), "'timestamp' must be a finite"),
         (json.dumps({**msg(1), "message": 5}).encode(), "'message' must be a string"),
         (json.dumps({**msg(1), "files": ["rel/path"]}).encode(), "absolute paths"),
         (json.dumps({**msg(1), "channel": ""}).encode(), "'channel' must not be empty"),
@@ -228,3 +228,35 @@ def test_a_poison_file_goes_to_failed_and_never_stalls_the_queue(agent_env):
     assert "unreadable JSON: RecursionError" in (queue.failed / "0-poison.json.reason").read_text()
     assert os.listdir(queue.processing) == []
     assert agent_env.worker("queue")["state"] == "running"
+
+
+def test_files_must_resolve_under_the_files_directory(q):
+    inside = str(q.files / "report.pdf")
+    assert parse(json.dumps(msg(1, files=[inside])).encode(), q.files)["files"] == [inside]
+    (q.files / "out").symlink_to("/etc")
+    for bad in ("/etc/passwd", str(q.files / "out" / "passwd"), f"{q.files}/../x"):
+        with pytest.raises(InvalidMessage, match="files"):
+            parse(json.dumps(msg(1, files=[bad])).encode(), q.files)
+
+
+def test_a_long_incoming_name_is_shortened_when_claimed_and_failed(q):
+    name = "x" * 240 + ".json"
+    put(q, name, b"[]")
+    [claimed] = q.claim_all()
+    assert len(claimed.encode()) <= 200 and claimed.startswith("x" * 100)
+    target = q.fail(claimed, "not an object")
+    assert (q.failed / f"{target}.reason").exists()
+
+
+def test_a_reply_to_another_message_of_the_same_id_is_never_overwritten(q):
+    put(q, "a.json", msg(1))
+    put(q, "b.json", {**msg(1), "message": "something else"})
+    first, second = (q.load(n) for n in q.claim_all())
+    q.write_reply(first, make_reply(first, "answer one", "default"))
+    diverted = q.write_reply(second, make_reply(second, "answer two", "default"))
+    assert diverted.parent == q.failed
+    assert json.loads((q.outgoing / "local_m1.json").read_text())["message"] == "answer one"
+    reason = json.loads(diverted.with_name(diverted.name + ".reason").read_text())
+    assert reason["reason"].startswith("duplicate messageId")
+    assert (reason["channel"], reason["messageId"]) == ("local", "m1")
+    assert oct(os.stat(q.outgoing / "local_m1.json").st_mode & 0o777) == "0o600"

@@ -23,7 +23,7 @@ from agent.config import Config
 from agent.handoff import Handoff, handoff_for
 from agent.lanes import Lanes
 from agent.log import event
-from agent.queue import Message, Queue, make_reply
+from agent.queue import Message, Queue, is_machine_trouble, make_reply
 from agent.runledger import RunLedger
 from agent.sessions import SessionStore
 from agent.worker import Worker, WorkerContext
@@ -195,9 +195,8 @@ class DispatcherWorker(Worker):
         except FileNotFoundError as exc:  # somebody removed the claimed file
             self._note_error(f"{message.name}: {exc}")
             outcome = DONE
-        except Exception as exc:  # disk trouble: keep the message, try again later
-            self._note_error(f"{message.name}: {type(exc).__name__}: {exc}")
-            outcome, delay = RETRY, self.settings.retry_backoff_max
+        except Exception as exc:
+            outcome, delay = self._after_error(message, exc)
         finally:
             self.threads.discard(threading.current_thread())
         self.handoff.inbox.put(("finished", life, lane, number, outcome, delay))
@@ -300,7 +299,7 @@ class DispatcherWorker(Worker):
             )
 
     def _attempt(self, message: Message, stop: threading.Event, number: int) -> tuple[str, float]:
-        if not (self.queue.processing / message.name).exists():
+        if not self.queue.is_claimed(message.name):
             return DONE, 0.0  # finished by a previous life of this worker: never run twice
         try:
             agent_name = choose_agent(self.config.agents, message.data.get("agent"))
@@ -312,7 +311,10 @@ class DispatcherWorker(Worker):
         if result.stopped:
             return STOPPED, 0.0
         if result.ok:
-            self.queue.write_reply(message, make_reply(message, result.reply, agent_name))
+            written = self.queue.write_reply(message, make_reply(message, result.reply, agent_name))
+            if written.parent == self.queue.failed:  # a duplicate messageId: not our reply
+                self._counted_failure(message, f"duplicate messageId; failed as {written.name}")
+                return FAILED, 0.0
             self.queue.done(message.name)
             self.done += 1
             self.last_processed = time.time()
@@ -328,6 +330,19 @@ class DispatcherWorker(Worker):
             )
             return DONE, 0.0
         return self._after_failed_run(message, agent_name, result.error or "failed")
+
+    def _after_error(self, message: Message, exc: Exception) -> tuple[str, float]:
+        """Trouble with the machine (disk full, EIO): keep the message and try again later.
+        Anything else is about this message: it fails with the reason, never loops."""
+        reason = f"{type(exc).__name__}: {exc}"
+        self._note_error(f"{message.name}: {reason}")
+        if isinstance(exc, OSError) and is_machine_trouble(exc):
+            return RETRY, self.settings.retry_backoff_max
+        try:
+            self._fail(message, reason)
+        except Exception:  # failing it needs the disk too
+            return RETRY, self.settings.retry_backoff_max
+        return FAILED, 0.0
 
     def _after_failed_run(self, message: Message, agent: str, error: str) -> tuple[str, float]:
         attempts = message.attempts + 1
@@ -357,6 +372,9 @@ class DispatcherWorker(Worker):
 
     def _fail(self, message: Message, reason: str) -> None:
         target = self.queue.fail(message.name, reason, message)
+        self._counted_failure(message, reason, target)
+
+    def _counted_failure(self, message: Message, reason: str, target: str | None = None) -> None:
         self.failed += 1
         self.last_processed = time.time()
         self.last_error = f"{message.message_id}: {reason}"

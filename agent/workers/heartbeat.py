@@ -7,12 +7,9 @@ reply within the interval logs `heartbeat.missed`.
 """
 
 import contextlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.agentenv import agent_workdir
@@ -58,10 +55,10 @@ class HeartbeatWorker(Worker):
         self.queue.ensure_dirs()
         # replies to an earlier run's heartbeats: nobody waits for them any more
         awaited = {reply_name(CHANNEL, message_id) for message_id in self.pending}
-        for stale in self.queue.outgoing.glob(f"{CHANNEL}_*.json"):
-            if stale.name not in awaited:
+        for stale in self.queue.replies(CHANNEL):
+            if stale not in awaited:
                 with contextlib.suppress(OSError):
-                    stale.unlink()
+                    self.queue.remove_reply(stale)
 
     def run(self, ctx: WorkerContext) -> None:
         next_tick = time.monotonic() + self.interval
@@ -123,19 +120,20 @@ class HeartbeatWorker(Worker):
         return any(item.agent == agent and self._in_queue(item) for item in self.pending.values())
 
     def _in_queue(self, item: Pending) -> bool:
-        return any((d / item.file).exists() for d in (self.queue.incoming, self.queue.processing))
+        return self.queue.is_waiting(item.file)
 
     def _check_replies(self, now: float) -> None:
         for message_id, item in list(self.pending.items()):
-            name = reply_name(CHANNEL, message_id)
-            reply = _read_json(self.queue.outgoing / name)
+            try:
+                reply = self.queue.take_reply(CHANNEL, message_id)
+            except OSError as exc:  # read, then removing it failed: seen next time
+                self.last_error = f"cannot remove heartbeat reply {message_id}: {exc}"
+                continue
             if reply is not None:
                 self._replied(item, reply, now)
-                with contextlib.suppress(OSError):
-                    os.unlink(self.queue.outgoing / name)
                 del self.pending[message_id]
                 continue
-            failed = (self.queue.failed / name).exists()
+            failed = self.queue.failure(CHANNEL, message_id) is not None
             if not item.missed and (failed or now - item.sent >= self.interval):
                 self._missed(item, "the agent run failed" if failed else "no reply in time")
             if failed or (now - item.sent >= 10 * self.interval and not self._in_queue(item)):
@@ -169,10 +167,3 @@ class HeartbeatWorker(Worker):
             message_id=item.message_id,
             reason=why,
         )
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

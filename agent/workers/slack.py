@@ -7,15 +7,12 @@ reports each profile's state, plus a `degraded` reason while any profile is not 
 See docs/slack.md.
 """
 
-import contextlib
-import json
-import os
 import time
 from typing import Any
 
 from agent.config import Config
-from agent.queue import Queue
-from agent.slack_link import RUNNING, WORKER, ProfileLink, move_to_failed, redact
+from agent.queue import InvalidMessage, MachineTrouble, Queue
+from agent.slack_link import CHANNEL, RUNNING, WORKER, ProfileLink, move_to_failed, redact
 from agent.worker import Worker, WorkerContext
 
 SCAN_SECONDS = 0.25  # how often outgoing/ is looked at
@@ -27,10 +24,10 @@ class SlackWorker(Worker):
     def __init__(self, config: Config):
         self.config = config
         self.links: dict[str, ProfileLink] = {}
-        self.outgoing = config.queue_dir / "outgoing"
+        self.queue = Queue(config.queue_dir)
 
     def initialize(self, ctx: WorkerContext) -> None:
-        Queue(self.config.queue_dir).ensure_dirs()
+        self.queue.ensure_dirs()
         self.links = {
             name: ProfileLink(name, profile, self.config)
             for name, profile in self.config.slack.profiles.items()
@@ -50,32 +47,23 @@ class SlackWorker(Worker):
             self._scan_outgoing()
 
     def _scan_outgoing(self) -> None:
-        found = []
-        try:
-            with os.scandir(self.outgoing) as entries:
-                for entry in entries:
-                    if entry.name.startswith("slack_") and entry.name.endswith(".json"):
-                        with contextlib.suppress(FileNotFoundError):
-                            found.append((entry.stat().st_mtime_ns, entry.name))
-        except FileNotFoundError:
-            return
-        for _, name in sorted(found):  # oldest reply first: a thread's replies keep order
+        queue = self.queue
+        for name in queue.replies(CHANNEL):  # oldest first: a thread's replies keep order
             if any(name in link.pending for link in self.links.values()):
                 continue  # already handed over
-            path = self.outgoing / name
             try:
-                reply = json.loads(path.read_text())
-            except FileNotFoundError:
+                reply = queue.read_reply(name)
+            except (FileNotFoundError, MachineTrouble):
+                continue  # gone, or the disk failed us: the next scan tries again
+            except InvalidMessage as exc:
+                move_to_failed(queue, name, f"unreadable reply: {exc}")
                 continue
-            except (OSError, ValueError):
-                move_to_failed(self.config.queue_dir, path, "unreadable reply JSON")
-                continue
-            profile = reply.get("channelProfileId") if isinstance(reply, dict) else None
+            profile = reply.get("channelProfileId")
             link = self.links.get(str(profile))
             if link is None:
-                move_to_failed(self.config.queue_dir, path, f"unknown slack profile {profile!r}")
+                move_to_failed(queue, name, f"unknown slack profile {profile!r}")
                 continue
-            link.offer(path)
+            link.offer(name)
 
     def wake(self) -> None:
         for link in self.links.values():
