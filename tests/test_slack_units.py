@@ -2,15 +2,16 @@
 
 import pytest
 
-from agent.slack_link import (
+from agent.slack_api import (
     AUTH_FAILED,
     AUTH_MISSING,
     SlackProblem,
-    _retry_after,
+    api_error_code,
     api_problem,
     read_token,
     redact,
     resolve_token_path,
+    retry_after,
 )
 from agent.slack_store import SEEN_LIMIT, ChannelCursor, ProfileStore, ts_key
 
@@ -66,8 +67,8 @@ def test_api_errors_become_safe_problems():
     boom = api_problem(OSError("connect to xoxb-leak-me failed"), ("xoxb-leak-me",), "b")
     assert "leak" not in str(boom)
     limited = response({"ok": False, "error": "ratelimited"}, 429, {"Retry-After": "7"})
-    assert _retry_after(limited) == 7.0
-    assert _retry_after(response({"ok": False}, 429)) == 1.0
+    assert retry_after(limited) == 7.0
+    assert retry_after(response({"ok": False}, 429)) == 1.0
 
 
 def test_cursor_remembers_seen_and_threads(tmp_path):
@@ -119,9 +120,7 @@ def test_routes_round_trip(tmp_path):
 def test_an_api_error_page_that_echoes_a_token_is_redacted():
     from types import SimpleNamespace
 
-    from agent.slack_link import _api_error_code
-
     page = "<html>Bad gateway. Authorization: Bearer xoxb-1234-5678-abcdefSECRET</html>"
     exc = SimpleNamespace(response={"error": page})
-    error = _api_error_code(exc, ("xoxb-1234-5678-abcdefSECRET",))
+    error = api_error_code(exc, ("xoxb-1234-5678-abcdefSECRET",))
     assert "SECRET" not in error and "[redacted]" in error

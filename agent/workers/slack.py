@@ -15,7 +15,9 @@ from typing import Any
 
 from agent.config import Config
 from agent.queue import Queue
-from agent.slack_link import RUNNING, WORKER, ProfileLink, move_to_failed, redact
+from agent.slack_api import RUNNING, WORKER, redact
+from agent.slack_link import ProfileLink
+from agent.slack_outbound import move_to_failed
 from agent.worker import Worker, WorkerContext
 
 SCAN_SECONDS = 0.25  # how often outgoing/ is looked at

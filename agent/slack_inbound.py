@@ -1,0 +1,182 @@
+"""Inbound: a Slack message -> at most one queue message (see docs/slack.md, Inbound).
+
+Inbound decides whether a message is for the bot (a DM, a channel message that mentions
+it, a reply in a thread it follows), turns it into a queue message and enqueues it through
+the cursor protocol (slack_cursors), which makes it exactly-once per channel. Live events
+and the backfill both come through accept(). Invariants: a message from a bot (this one
+included) never becomes a queue message; a message not for the bot only moves the cursor.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import SlackProfileConfig
+from agent.log import event
+from agent.queue import Queue
+from agent.slack_api import WORKER, ApiFailure, SlackApi
+from agent.slack_cursors import Cursors
+from agent.slack_store import ProfileStore, safe_name
+
+WANTED_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})
+
+
+@dataclass(frozen=True)
+class SlackMessage:
+    """The parts of a Slack message event the worker uses."""
+
+    channel: str
+    ts: str
+    thread: str  # the thread's ts; the message's own ts when it starts one
+    user: str
+    text: str
+    channel_type: str | None
+    subtype: str | None
+    from_bot: bool
+
+    @classmethod
+    def parse(cls, channel: str, body: dict[str, Any], channel_type: str | None) -> "SlackMessage":
+        ts = str(body.get("ts") or "")
+        return cls(
+            channel=channel,
+            ts=ts,
+            thread=str(body.get("thread_ts") or ts),
+            user=str(body.get("user") or ""),
+            text=str(body.get("text") or ""),
+            channel_type=channel_type or body.get("channel_type"),
+            subtype=body.get("subtype"),
+            from_bot=bool(body.get("bot_id")) or body.get("subtype") == "bot_message",
+        )
+
+    @property
+    def direct(self) -> bool:
+        return self.channel_type == "im" or self.channel.startswith("D")
+
+    @property
+    def in_thread(self) -> bool:
+        return self.thread != self.ts
+
+
+class UserNames:
+    """Display names by user id (users.info), cached; the id when the lookup fails."""
+
+    def __init__(self, api: SlackApi):
+        self.api = api
+        self._names: dict[str, str] = {}
+
+    def name(self, user: str) -> str:
+        if user not in self._names:
+            name = user
+            try:
+                info = self.api.call("users.info", read=True, user=user).get("user") or {}
+                profile = info.get("profile") or {}
+                name = profile.get("display_name") or info.get("real_name") or info.get("name")
+            except ApiFailure:
+                pass  # the id is a fine sender name when the lookup fails
+            self._names[user] = name or user
+        return self._names[user]
+
+
+class Inbound:
+    def __init__(
+        self,
+        name: str,
+        profile: SlackProfileConfig,
+        api: SlackApi,
+        store: ProfileStore,
+        queue: Queue,
+    ):
+        self.name = name
+        self.profile = profile
+        self.api = api
+        self.store = store
+        self.cursors = Cursors(store, name)
+        self.queue = queue
+        self.users = UserNames(api)
+        self.enqueued = 0
+
+    @property
+    def bot_user(self) -> str | None:
+        return self.api.identity.user_id
+
+    def accept(
+        self, channel: str, body: dict[str, Any], channel_type: str | None, source: str
+    ) -> bool:
+        """Enqueue one Slack message if it is for the bot and new; True when enqueued."""
+        message = SlackMessage.parse(channel, body, channel_type)
+        if not message.ts or self.cursors.seen(channel, message.ts):
+            return False
+        if not self._for_the_bot(message):
+            self.cursors.skip(channel, message.ts)  # not for us: no need to fetch it again
+            return False
+        item = self._queue_message(message)
+        file_name = f"slack_{safe_name(self.name)}_{safe_name(channel)}_{safe_name(message.ts)}"
+
+        def enqueue() -> None:
+            self.store.write_route(message.ts, channel, message.thread)
+            self.queue.enqueue(item, name=f"{file_name}.json")  # staged in tmp/, renamed in
+
+        if not self.cursors.settle(channel, message.ts, message.thread, enqueue):
+            return False  # enqueued by another path meanwhile
+        self.enqueued += 1
+        event(
+            "slack.message.enqueued",
+            f"slack profile {self.name}: message {message.ts} from {channel} enqueued ({source})",
+            worker=WORKER,
+            profile=self.name,
+            message_id=message.ts,
+            slack_channel=channel,
+            source=source,
+        )
+        return True
+
+    def _for_the_bot(self, message: SlackMessage) -> bool:
+        if message.subtype not in WANTED_SUBTYPES:
+            return False  # edits, deletions, joins, bot_message...
+        if message.from_bot or not message.user or message.user == self.bot_user:
+            return False
+        if message.direct:
+            return True
+        if self.profile.channels and message.channel not in self.profile.channels:
+            return False
+        if self.bot_user and f"<@{self.bot_user}>" in message.text:
+            return True
+        return message.in_thread and message.thread in self.cursors.threads(message.channel)
+
+    def _queue_message(self, message: SlackMessage) -> dict[str, Any]:
+        sender = self.users.name(message.user)
+        text = message.text.replace(f"<@{self.bot_user}>", "").strip()
+        item: dict[str, Any] = {
+            "channel": "slack",
+            "channelProfileId": self.name,
+            "conversationId": message.thread,
+            "messageId": message.ts,
+            "message": text,
+            "sender": sender,
+            "senderId": message.user,
+            "timestamp": int(float(message.ts) * 1000),
+        }
+        if self.profile.agent:
+            item["agent"] = self.profile.agent
+        return item
+
+    def on_envelope(self, client: Any, request: Any) -> None:
+        """A Socket Mode envelope: enqueue first, acknowledge after (Slack redelivers)."""
+        from slack_sdk.socket_mode.response import SocketModeResponse
+
+        try:
+            if request.type == "events_api":
+                body = request.payload.get("event") or {}
+                if body.get("type") in ("message", "app_mention") and body.get("channel"):
+                    self.accept(body["channel"], body, body.get("channel_type"), source="socket")
+        except Exception as exc:  # not acknowledged: Slack redelivers, backfill catches up
+            event(
+                "slack.inbound.error",
+                f"slack profile {self.name}: could not enqueue an event: "
+                f"{type(exc).__name__}: {self.api.redact(str(exc))}",
+                worker=WORKER,
+                level=logging.ERROR,
+                profile=self.name,
+            )
+            return
+        client.send_socket_mode_response(SocketModeResponse(envelope_id=request.envelope_id))

@@ -1,0 +1,303 @@
+"""Outbound: replies in queue/outgoing/ -> chat.postMessage in the original thread.
+
+The worker hands each reply file to Outbound.offer(). Its route (the Slack channel and
+thread, written by Inbound) picks the channel's Lane: one thread per Slack channel that
+posts that channel's replies in order, so one channel's rate limit or outage never holds
+up another. In a lane: 429 waits Retry-After, transient errors back off (Backoff), an auth
+error stops the profile (the reply stays and is offered again after the reconnect), any
+other error moves the reply to queue/failed/ with a .reason file. A posted reply is
+removed from outgoing/ and its route dropped. Invariant: a file is in at most one lane
+at a time (`pending`).
+"""
+
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.backoff import Backoff
+from agent.clock import iso_utc
+from agent.fsutil import atomic_write_json, fsync_dir
+from agent.log import event
+from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
+from agent.slack_store import ProfileStore
+
+POST_BACKOFF = 1.0
+POST_BACKOFF_MAX = 60.0
+IDLE_WAIT = 0.5
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the reply to one message goes."""
+
+    message_id: str
+    channel: str
+    thread_ts: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One reply file and its route, waiting in a lane."""
+
+    path: Path
+    reply: dict[str, Any]
+    route: Route
+
+
+class Stopping(Exception):
+    """The profile is stopping: leave the job where it is."""
+
+
+class Outbound:
+    def __init__(
+        self,
+        name: str,
+        api: SlackApi,
+        store: ProfileStore,
+        queue_dir: Path,
+        stop: threading.Event,
+        ready: Callable[[], bool],
+        on_problem: Callable[[ApiFailure], None],
+    ):
+        self.name = name
+        self.api = api
+        self.store = store
+        self.queue_dir = queue_dir
+        self.stop_event = stop
+        self.ready = ready  # the profile is connected: lanes may post
+        self.on_problem = on_problem  # an auth failure: the profile must reconnect
+        self.pending: set[str] = set()  # outgoing file names handed over and not finished
+        self.lock = threading.Lock()
+        self.lanes: dict[str, Lane] = {}
+        self.posted = 0
+
+    def offer(self, path: Path) -> None:
+        with self.lock:
+            if path.name in self.pending:
+                return
+            self.pending.add(path.name)
+        delivery = self._delivery(path)
+        if delivery is None:
+            self.finish(path)
+            return
+        self.lane(delivery.route.channel).put(delivery)
+
+    def finish(self, path: Path) -> None:
+        with self.lock:
+            self.pending.discard(path.name)
+
+    def lane(self, channel: str) -> "Lane":
+        with self.lock:
+            if channel not in self.lanes:
+                self.lanes[channel] = Lane(self, channel)
+            return self.lanes[channel]
+
+    def join(self, timeout: float) -> None:
+        for lane in list(self.lanes.values()):
+            lane.thread.join(timeout)
+
+    def _delivery(self, path: Path) -> Delivery | None:
+        """The reply and its route; None (after moving it to failed/) when it has none."""
+        try:
+            reply = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            move_to_failed(self.queue_dir, path, f"unreadable reply: {exc}")
+            return None
+        message_id = str(reply.get("messageId") or "") if isinstance(reply, dict) else ""
+        found = self.store.route(message_id) if message_id else None
+        if found is None:
+            reason = f"no Slack route for message {message_id!r}"
+            move_to_failed(self.queue_dir, path, reason, reply)
+            return None
+        return Delivery(path, reply, Route(message_id, found["channel"], found["thread_ts"]))
+
+    # ---- what a lane does with a delivery
+
+    def deliver(self, lane: "Lane", delivery: Delivery) -> None:
+        route = delivery.route
+        text = str(delivery.reply.get("message") or "").strip() or "(empty reply)"
+        try:
+            attempts = lane.call(
+                "chat.postMessage", channel=route.channel, text=text, thread_ts=route.thread_ts
+            )
+        except ApiFailure as failure:
+            if failure.kind == AUTH:
+                self.on_problem(failure)
+                return
+            self._failed(delivery, failure.error)
+            return
+        _remove(delivery.path)
+        self.store.drop_route(route.message_id)
+        self.posted += 1
+        event(
+            "slack.reply.posted",
+            f"slack profile {self.name}: reply to {route.message_id} posted in thread",
+            worker=WORKER,
+            profile=self.name,
+            message_id=route.message_id,
+            slack_channel=route.channel,
+            attempts=attempts,
+        )
+
+    def _failed(self, delivery: Delivery, error: str) -> None:
+        message_id = delivery.route.message_id
+        move_to_failed(self.queue_dir, delivery.path, f"chat.postMessage: {error}", delivery.reply)
+        self.store.drop_route(message_id)
+        event(
+            "slack.reply.failed",
+            f"slack profile {self.name}: reply to {message_id} failed: {error}",
+            worker=WORKER,
+            level=logging.ERROR,
+            profile=self.name,
+            message_id=message_id,
+            error=error,
+        )
+
+
+class Lane:
+    """One Slack channel's posts, in order, in their own thread."""
+
+    def __init__(self, outbound: Outbound, channel: str):
+        self.outbound = outbound
+        self.channel = channel
+        self.jobs: deque[Delivery] = deque()
+        self.wakeup = threading.Condition()
+        self.thread = threading.Thread(
+            target=self._run, name=f"slack-{outbound.name}-{channel}", daemon=True
+        )
+        self.thread.start()
+
+    def put(self, delivery: Delivery) -> None:
+        with self.wakeup:
+            self.jobs.append(delivery)
+            self.wakeup.notify()
+
+    def _next(self) -> Delivery | None:
+        with self.wakeup:
+            if not self.jobs:
+                self.wakeup.wait(IDLE_WAIT)
+            return self.jobs.popleft() if self.jobs else None
+
+    def _run(self) -> None:
+        stop = self.outbound.stop_event
+        while not stop.is_set():
+            delivery = self._next()
+            if delivery is None:
+                continue
+            try:
+                self._wait_ready()
+                self.outbound.deliver(self, delivery)
+            except Stopping:
+                return
+            except Exception as exc:  # a bug must not kill the lane: the reply stays
+                self._crashed(exc)
+            finally:
+                self.outbound.finish(delivery.path)  # the next scan may hand it over again
+
+    def _wait_ready(self) -> None:
+        while not self.outbound.ready():
+            if self.outbound.stop_event.wait(0.1):
+                raise Stopping
+
+    def _crashed(self, exc: Exception) -> None:
+        event(
+            "slack.reply.error",
+            f"slack profile {self.outbound.name}: posting in {self.channel} failed: "
+            f"{type(exc).__name__}: {self.outbound.api.redact(str(exc))}",
+            worker=WORKER,
+            level=logging.ERROR,
+            profile=self.outbound.name,
+            slack_channel=self.channel,
+        )
+        if self.outbound.stop_event.wait(POST_BACKOFF):
+            raise Stopping from None
+
+    def call(self, method: str, **params: Any) -> int:
+        """One Web API call, retried through rate limits and transient errors.
+
+        Returns the number of attempts; raises ApiFailure for auth and permanent errors,
+        Stopping when the profile stops meanwhile.
+        """
+        backoff = Backoff(POST_BACKOFF, POST_BACKOFF_MAX)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.outbound.api.call(method, **params)
+                return attempt
+            except ApiFailure as failure:
+                if failure.kind == RATELIMITED:
+                    delay = failure.retry_after
+                    self._ratelimited(method, delay)
+                elif failure.kind == TRANSIENT:
+                    delay = backoff.next()
+                    self._retrying(method, failure, attempt, delay)
+                else:
+                    raise
+            if self.outbound.stop_event.wait(delay):
+                raise Stopping
+
+    def _ratelimited(self, method: str, delay: float) -> None:
+        event(
+            "slack.ratelimited",
+            f"slack profile {self.outbound.name}: {method} in {self.channel} rate limited, "
+            f"retrying in {delay:g}s",
+            worker=WORKER,
+            level=logging.WARNING,
+            profile=self.outbound.name,
+            slack_channel=self.channel,
+            retry_after_s=delay,
+        )
+
+    def _retrying(self, method: str, failure: ApiFailure, attempt: int, delay: float) -> None:
+        event(
+            "slack.reply.retry",
+            f"slack profile {self.outbound.name}: {method} in {self.channel} failed "
+            f"({failure.error}); retry in {delay:g}s",
+            worker=WORKER,
+            level=logging.WARNING,
+            profile=self.outbound.name,
+            slack_channel=self.channel,
+            error=failure.error,
+            attempt=attempt,
+        )
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
+def move_to_failed(queue_dir: Path, path: Path, reason: str, reply: Any = None) -> None:
+    """The reply, untouched, into failed/, with `<name>.reason` saying why (as the queue does)."""
+    failed = queue_dir / "failed"
+    failed.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {"reason": reason, "failedAt": iso_utc(), "file": path.name}
+    if isinstance(reply, dict):
+        info.update(channel=reply.get("channel"), messageId=reply.get("messageId"))
+    atomic_write_json(failed / f"{path.name}.reason", info)
+    try:
+        os.replace(path, failed / path.name)
+    except FileNotFoundError:
+        return
+    fsync_dir(failed)
+    fsync_dir(path.parent)
+    event(
+        "slack.reply.failed_file",
+        f"reply {path.name} moved to failed/: {reason}",
+        worker=WORKER,
+        level=logging.ERROR,
+        file=path.name,
+        reason=reason,
+    )
