@@ -132,6 +132,12 @@ class SlackProfileConfig(Section):
         "app_token_file": Setting("", "str", "a file path string (xapp- token)", bool),
         "agent": Setting(None, "optional_str", "the name of an [agents.NAME] table"),
         "channels": Setting((), "argv", "an array of channel ids"),
+        "allowed_users": Setting((), "argv", "an array of Slack user ids (empty: everyone)"),
+        "allow_dm": Setting(False, "bool", "true or false"),
+        "deny_notice": Setting("", "str", "a string (empty: no notice)"),
+        "follow_threads": Setting(
+            "mentioner", "str", "one of mentioner, all", choices=("mentioner", "all")
+        ),
     }
 
 

@@ -44,19 +44,38 @@ class Cursors:
         with self.store.lock:
             self.store.channel(channel).advance(ts)
 
-    def settle(self, channel: str, ts: str, thread: str, enqueue: Callable[[], None]) -> bool:
+    def settle(
+        self,
+        channel: str,
+        ts: str,
+        thread: str,
+        enqueue: Callable[[], None],
+        follower: str | None = None,
+    ) -> bool:
         """Enqueue once: False when another path recorded this ts first."""
         with self.store.lock:
             cursor = self.store.channel(channel)
             if cursor.already_seen(ts):
                 return False
             enqueue()
-            cursor.record(ts, thread)
+            cursor.record(ts, thread, follower)
             return True
 
     def threads(self, channel: str) -> list[str]:
         with self.store.lock:
             return list(self.store.channel(channel).threads)
+
+    def follows(self, channel: str, thread: str, user: str, everyone: bool) -> bool:
+        """The bot follows this thread for this user: everyone's replies, or its mentioners'.
+
+        A thread recorded before followers were kept has none: it is followed for everyone.
+        """
+        with self.store.lock:
+            cursor = self.store.channel(channel)
+            if thread not in cursor.threads:
+                return False
+            followers = cursor.followers.get(thread)
+            return everyone or followers is None or user in followers
 
     def pin(self, channels: list[str]) -> dict[str, str]:
         """Pin the channels that have a cursor; returns their cursors (the backfill plan)."""

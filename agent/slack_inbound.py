@@ -1,10 +1,12 @@
 """Inbound: a Slack message -> at most one queue message (see docs/slack.md, Inbound).
 
 Inbound decides whether a message is for the bot (a DM, a channel message that mentions
-it, a reply in a thread it follows), turns it into a queue message and enqueues it through
-the cursor protocol (slack_cursors), which makes it exactly-once per channel. Live events
-and the backfill both come through accept(). Invariants: a message from a bot (this one
-included) never becomes a queue message; a message not for the bot only moves the cursor.
+it, a reply in a thread it follows for that sender), asks the SenderPolicy whether its
+sender may run the agent, turns it into a queue message and enqueues it through the
+cursor protocol (slack_cursors), which makes it exactly-once per channel. Live events and
+the backfill both come through accept(). Invariants: a message from a bot (this one
+included) never becomes a queue message; a message not for the bot, or denied, only
+moves the cursor.
 """
 
 import logging
@@ -16,6 +18,8 @@ from agent.log import event
 from agent.queue import Queue
 from agent.slack_api import WORKER, ApiFailure, SlackApi
 from agent.slack_cursors import Cursors
+from agent.slack_outbound import Notice, Outbound
+from agent.slack_policy import SenderPolicy
 from agent.slack_store import ProfileStore, safe_name
 
 WANTED_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})
@@ -57,6 +61,15 @@ class SlackMessage:
         return self.thread != self.ts
 
 
+def message_id(profile: str, channel: str, ts: str) -> str:
+    """The queue messageId of a Slack message: unique across profiles and channels.
+
+    Replies and routes are keyed by it. Messages enqueued before this scheme carry the bare
+    ts; their routes are stored under the ts and are still found by it.
+    """
+    return f"{profile}.{channel}.{ts}"
+
+
 class UserNames:
     """Display names by user id (users.info), cached; the id when the lookup fails."""
 
@@ -85,8 +98,11 @@ class Inbound:
         api: SlackApi,
         store: ProfileStore,
         queue: Queue,
+        outbound: Outbound,
     ):
         self.name = name
+        self.outbound = outbound
+        self.policy = SenderPolicy(name, profile)
         self.profile = profile
         self.api = api
         self.store = store
@@ -109,14 +125,20 @@ class Inbound:
         if not self._for_the_bot(message):
             self.cursors.skip(channel, message.ts)  # not for us: no need to fetch it again
             return False
+        denial = self.policy.denial(message.user, message.direct)
+        if denial is not None:
+            self.cursors.skip(channel, message.ts)
+            self._deny(message, denial)
+            return False
         item = self._queue_message(message)
         file_name = f"slack_{safe_name(self.name)}_{safe_name(channel)}_{safe_name(message.ts)}"
 
         def enqueue() -> None:
-            self.store.write_route(message.ts, channel, message.thread)
+            self.store.write_route(item["messageId"], channel, message.thread)
             self.queue.enqueue(item, name=f"{file_name}.json")  # staged in tmp/, renamed in
 
-        if not self.cursors.settle(channel, message.ts, message.thread, enqueue):
+        follower = message.user if message.direct or self._mentions(message) else None
+        if not self.cursors.settle(channel, message.ts, message.thread, enqueue, follower):
             return False  # enqueued by another path meanwhile
         self.enqueued += 1
         event(
@@ -124,7 +146,7 @@ class Inbound:
             f"slack profile {self.name}: message {message.ts} from {channel} enqueued ({source})",
             worker=WORKER,
             profile=self.name,
-            message_id=message.ts,
+            message_id=item["messageId"],
             slack_channel=channel,
             source=source,
         )
@@ -139,9 +161,20 @@ class Inbound:
             return True
         if self.profile.channels and message.channel not in self.profile.channels:
             return False
-        if self.bot_user and f"<@{self.bot_user}>" in message.text:
+        if self._mentions(message):
             return True
-        return message.in_thread and message.thread in self.cursors.threads(message.channel)
+        return message.in_thread and self.cursors.follows(
+            message.channel, message.thread, message.user, self.policy.follow_all
+        )
+
+    def _mentions(self, message: SlackMessage) -> bool:
+        return bool(self.bot_user) and f"<@{self.bot_user}>" in message.text
+
+    def _deny(self, message: SlackMessage, reason: str) -> None:
+        text = self.policy.deny(message.user, message.channel, reason)
+        if text:
+            thread = None if message.direct and not message.in_thread else message.thread
+            self.outbound.notice(Notice(message.channel, thread, text, "deny_notice"))
 
     def _queue_message(self, message: SlackMessage) -> dict[str, Any]:
         sender = self.users.name(message.user)
@@ -150,7 +183,7 @@ class Inbound:
             "channel": "slack",
             "channelProfileId": self.name,
             "conversationId": message.thread,
-            "messageId": message.ts,
+            "messageId": message_id(self.name, message.channel, message.ts),
             "message": text,
             "sender": sender,
             "senderId": message.user,

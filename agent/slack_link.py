@@ -50,8 +50,6 @@ class ProfileLink:
         self.api = SlackApi(name, config.slack.api_base_url)
         self.stop_event = threading.Event()
         self.kick = threading.Event()  # wakes the serve loop (a problem, stop)
-        self.inbound = Inbound(name, profile, self.api, self.store, Queue(config.queue_dir))
-        self.backfill = Backfill(name, self.api, self.inbound, self._backfill_channels)
         self.outbound = Outbound(
             name,
             self.api,
@@ -61,6 +59,9 @@ class ProfileLink:
             ready=lambda: self.state == RUNNING and self._problem is None,
             on_problem=self._problem_elsewhere,
         )
+        queue = Queue(config.queue_dir)
+        self.inbound = Inbound(name, profile, self.api, self.store, queue, self.outbound)
+        self.backfill = Backfill(name, self.api, self.inbound, self._backfill_channels)
         self.state = CONNECTING
         self.last_error: str | None = None
         self.since = time.time()

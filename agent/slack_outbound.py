@@ -50,6 +50,29 @@ class Delivery:
     route: Route
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A short text of the worker's own (a denial, a failure notice) for a thread."""
+
+    channel: str
+    thread_ts: str | None
+    text: str
+    why: str  # for the event: deny_notice, failure...
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """Swap the bot's reaction on a message: remove one emoji (if any), add another."""
+
+    channel: str
+    ts: str
+    add: str
+    remove: str = ""
+
+
+Job = Delivery | Notice | Reaction
+
+
 class Stopping(Exception):
     """The profile is stopping: leave the job where it is."""
 
@@ -88,6 +111,13 @@ class Outbound:
             return
         self.lane(delivery.route.channel).put(delivery)
 
+    def notice(self, notice: Notice) -> None:
+        self.lane(notice.channel).put(notice)
+
+    def react(self, reaction: Reaction) -> None:
+        if reaction.add or reaction.remove:
+            self.lane(reaction.channel).put(reaction)
+
     def finish(self, path: Path) -> None:
         with self.lock:
             self.pending.discard(path.name)
@@ -119,7 +149,58 @@ class Outbound:
             return None
         return Delivery(path, reply, Route(message_id, found["channel"], found["thread_ts"]))
 
-    # ---- what a lane does with a delivery
+    # ---- what a lane does with a job
+
+    def perform(self, lane: "Lane", job: Job) -> None:
+        if isinstance(job, Delivery):
+            self.deliver(lane, job)
+        elif isinstance(job, Notice):
+            self._post_notice(lane, job)
+        else:
+            self._swap_reaction(lane, job)
+
+    def _post_notice(self, lane: "Lane", notice: Notice) -> None:
+        params: dict[str, Any] = {"channel": notice.channel, "text": notice.text}
+        if notice.thread_ts:
+            params["thread_ts"] = notice.thread_ts
+        try:
+            lane.call("chat.postMessage", **params)
+        except ApiFailure as failure:
+            self._cosmetic_failed("notice", notice.channel, failure)
+            return
+        event(
+            "slack.notice.posted",
+            f"slack profile {self.name}: {notice.why} notice posted in {notice.channel}",
+            worker=WORKER,
+            profile=self.name,
+            slack_channel=notice.channel,
+            why=notice.why,
+        )
+
+    def _swap_reaction(self, lane: "Lane", reaction: Reaction) -> None:
+        """Reactions are a courtesy: a failure is logged, never retried past transients."""
+        steps = [("reactions.remove", reaction.remove), ("reactions.add", reaction.add)]
+        for method, emoji in steps:
+            if not emoji:
+                continue
+            try:
+                lane.call(method, channel=reaction.channel, timestamp=reaction.ts, name=emoji)
+            except ApiFailure as failure:
+                if failure.error not in ("no_reaction", "already_reacted"):
+                    self._cosmetic_failed(method, reaction.channel, failure)
+
+    def _cosmetic_failed(self, what: str, channel: str, failure: ApiFailure) -> None:
+        if failure.kind == AUTH:
+            self.on_problem(failure)
+        event(
+            "slack.feedback.failed",
+            f"slack profile {self.name}: {what} in {channel} failed: {failure.error}",
+            worker=WORKER,
+            level=logging.WARNING,
+            profile=self.name,
+            slack_channel=channel,
+            error=failure.error,
+        )
 
     def deliver(self, lane: "Lane", delivery: Delivery) -> None:
         route = delivery.route
@@ -168,19 +249,19 @@ class Lane:
     def __init__(self, outbound: Outbound, channel: str):
         self.outbound = outbound
         self.channel = channel
-        self.jobs: deque[Delivery] = deque()
+        self.jobs: deque[Job] = deque()
         self.wakeup = threading.Condition()
         self.thread = threading.Thread(
             target=self._run, name=f"slack-{outbound.name}-{channel}", daemon=True
         )
         self.thread.start()
 
-    def put(self, delivery: Delivery) -> None:
+    def put(self, job: Job) -> None:
         with self.wakeup:
-            self.jobs.append(delivery)
+            self.jobs.append(job)
             self.wakeup.notify()
 
-    def _next(self) -> Delivery | None:
+    def _next(self) -> Job | None:
         with self.wakeup:
             if not self.jobs:
                 self.wakeup.wait(IDLE_WAIT)
@@ -189,18 +270,19 @@ class Lane:
     def _run(self) -> None:
         stop = self.outbound.stop_event
         while not stop.is_set():
-            delivery = self._next()
-            if delivery is None:
+            job = self._next()
+            if job is None:
                 continue
             try:
                 self._wait_ready()
-                self.outbound.deliver(self, delivery)
+                self.outbound.perform(self, job)
             except Stopping:
                 return
             except Exception as exc:  # a bug must not kill the lane: the reply stays
                 self._crashed(exc)
             finally:
-                self.outbound.finish(delivery.path)  # the next scan may hand it over again
+                if isinstance(job, Delivery):  # the next scan may hand it over again
+                    self.outbound.finish(job.path)
 
     def _wait_ready(self) -> None:
         while not self.outbound.ready():

@@ -2,7 +2,8 @@
 
     state_dir/slack/<profile>/channels/<channel>.json   the cursor of one channel: the newest
         message ts seen, the recent ts already enqueued (duplicate deliveries are dropped
-        against it) and the threads the bot takes part in (whose replies it listens to)
+        against it), the threads the bot takes part in (whose replies it listens to) and
+        each thread's followers (the users who mentioned the bot in it)
     state_dir/slack/<profile>/routes/<ts>.json           where the reply to message <ts> goes
         (the Slack channel and thread), removed once the reply is posted
 
@@ -56,6 +57,7 @@ class ChannelCursor:
         self.cursor: str | None = data.get("cursor")
         self.seen: list[str] = list(data.get("seen") or [])
         self.threads: list[str] = list(data.get("threads") or [])
+        self.followers: dict[str, list[str]] = dict(data.get("followers") or {})
         self._seen_set = set(self.seen)
         # While pinned (a backfill from this cursor is due or running) the cursor stays put:
         # moving past a message not fetched yet could lose it. `held` is where it may go.
@@ -68,8 +70,8 @@ class ChannelCursor:
         # Older than everything we still remember, with the memory full: an old redelivery.
         return len(self.seen) >= SEEN_LIMIT and ts_key(ts) <= ts_key(self.seen[0])
 
-    def record(self, ts: str, thread: str) -> None:
-        """Remember an enqueued message and the thread it belongs to."""
+    def record(self, ts: str, thread: str, follower: str | None = None) -> None:
+        """Remember an enqueued message, the thread it belongs to and who follows it."""
         self.seen.append(ts)
         self.seen.sort(key=ts_key)
         del self.seen[:-SEEN_LIMIT]
@@ -79,6 +81,11 @@ class ChannelCursor:
             self.threads.remove(thread)
         self.threads.append(thread)
         del self.threads[:-THREAD_LIMIT]
+        if follower is not None:
+            users = self.followers.setdefault(thread, [])
+            if follower not in users:
+                users.append(follower)
+        self.followers = {t: u for t, u in self.followers.items() if t in self.threads}
         self.save()
 
     def advance(self, ts: str) -> None:
@@ -104,7 +111,13 @@ class ChannelCursor:
 
     def save(self) -> None:
         atomic_write_json(
-            self.path, {"cursor": self.cursor, "seen": self.seen, "threads": self.threads}
+            self.path,
+            {
+                "cursor": self.cursor,
+                "seen": self.seen,
+                "threads": self.threads,
+                "followers": self.followers,
+            },
         )
 
 

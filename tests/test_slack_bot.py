@@ -1,0 +1,135 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.test_slack)
+"""The Slack bot as its users meet it (issue 11): who may talk to it, what it says back.
+
+Real supervisors against the fake Slack on loopback, like tests/test_slack.py.
+"""
+
+from typing import Any
+
+import pytest
+
+from tests.fake_slack import BOT_ID, BOT_USER, FakeSlack
+from tests.helpers import AgentEnv, wait_for
+from tests.test_slack import (  # noqa: F401  (fake and slack_env are fixtures)
+    CHANNEL,
+    SILENT_AGENT,
+    configure,
+    enqueued_events,
+    events,
+    fake,
+    mention,
+    profile,
+    queued,
+    slack_env,
+    wait_running,
+    write_tokens,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def start(env: AgentEnv, slack: FakeSlack, command: list[str] | None = None, **extra: Any) -> None:
+    creds = write_tokens(env)
+    configure(env, slack, command or SILENT_AGENT, main=profile(creds, **extra))
+    env.start()
+    wait_running(env)
+
+
+def dm(ts: str, user: str = "U9", text: str = "hi") -> dict[str, Any]:
+    return {
+        "type": "message",
+        "channel": "D1",
+        "channel_type": "im",
+        "user": user,
+        "text": text,
+        "ts": ts,
+    }
+
+
+def in_thread(ts: str, thread: str, user: str, text: str = "and?") -> dict[str, Any]:
+    return {
+        "type": "message",
+        "channel": CHANNEL,
+        "channel_type": "channel",
+        "user": user,
+        "text": text,
+        "ts": ts,
+        "thread_ts": thread,
+    }
+
+
+def sentinel(env: AgentEnv, slack: FakeSlack, ts: str) -> None:
+    """A mention after the others: once it is enqueued, every earlier envelope was handled."""
+    slack.push_event(mention(ts, "sentinel"))
+    wait_for(lambda: enqueued_events(env, ts), what=f"the sentinel {ts} enqueued")
+
+
+def denied(env: AgentEnv) -> list[dict[str, Any]]:
+    return events(env, "slack.sender.denied")
+
+
+def test_a_dm_from_a_stranger_runs_nothing_and_is_answered_once(slack_env, fake):
+    start(slack_env, fake, deny_notice="Sorry, I only work in #team.")
+    fake.push_event(dm("1700000100.000100", text="secret plans"))
+    fake.push_event(dm("1700000100.000200", text="again"))
+    wait_for(lambda: len(denied(slack_env)) == 2, what="two slack.sender.denied events")
+    record = denied(slack_env)[0]
+    assert record["user"] == "U9" and record["slack_channel"] == "D1"
+    assert "secret plans" not in str(record)  # never the text
+    assert not queued(slack_env, "1700000100.000100", "D1")
+    assert not events(slack_env, "slack.message.enqueued")
+    notices = wait_for(fake.posted, what="the deny notice")
+    assert notices[0].params["channel"] == "D1"
+    assert notices[0].params["text"] == "Sorry, I only work in #team."
+    sentinel(slack_env, fake, "1700000100.000300")
+    assert len(fake.posted()) == 1  # once, not per message
+
+
+def test_allow_dm_lets_allowed_users_in_and_keeps_others_out(slack_env, fake):
+    start(slack_env, fake, allow_dm=True, allowed_users=["U1"])
+    fake.push_event(dm("1700000101.000100", user="U1"))
+    fake.push_event(mention("1700000101.000200") | {"user": "U7"})
+    wait_for(lambda: enqueued_events(slack_env, "1700000101.000100", "D1"), what="U1's DM")
+    wait_for(lambda: denied(slack_env), what="U7's mention denied")
+    assert denied(slack_env)[0]["reason"] == "not in allowed_users"
+    assert not fake.posted()  # no deny_notice configured: silence
+
+
+def test_bot_messages_never_run_the_agent(slack_env, fake):
+    start(slack_env, fake, ["cat"], allow_dm=True)
+    thread = "1700000102.000100"
+    fake.push_event(mention(thread, "start"))
+    wait_for(lambda: fake.posted(), 30, what="the reply to the first mention")
+    # Another bot mentions us, this bot's own post lands in the thread, a bot DMs us.
+    other_bot = mention("1700000102.000200") | {"bot_id": "B9", "user": "U55"}
+    own_post = in_thread("1700000102.000300", thread, BOT_USER, f"<@{BOT_USER}> me") | {
+        "bot_id": BOT_ID
+    }
+    bot_dm = dm("1700000102.000400") | {"subtype": "bot_message", "bot_id": "B9"}
+    for body in (other_bot, own_post, bot_dm):
+        fake.push_event(body)
+    sentinel(slack_env, fake, "1700000102.000500")
+    assert len(events(slack_env, "slack.message.enqueued")) == 2  # the first and the sentinel
+    assert not denied(slack_env)
+
+
+def test_threads_are_followed_for_the_mentioner_unless_follow_threads_is_all(slack_env, fake):
+    start(slack_env, fake)
+    thread = "1700000103.000100"
+    fake.push_event(mention(thread))
+    fake.push_event(in_thread("1700000103.000200", thread, "U2"))  # a bystander: ignored
+    fake.push_event(in_thread("1700000103.000300", thread, "U1"))  # the mentioner: followed
+    wait_for(lambda: enqueued_events(slack_env, "1700000103.000300"), what="U1's reply")
+    assert not enqueued_events(slack_env, "1700000103.000200")
+    # The bystander mentions the bot: from then on the thread is theirs too.
+    fake.push_event(in_thread("1700000103.000400", thread, "U2", f"<@{BOT_USER}> me too"))
+    fake.push_event(in_thread("1700000103.000500", thread, "U2"))
+    wait_for(lambda: enqueued_events(slack_env, "1700000103.000500"), what="U2 followed")
+
+
+def test_follow_threads_all_hears_everyone_in_the_thread(slack_env, fake):
+    start(slack_env, fake, follow_threads="all")
+    thread = "1700000104.000100"
+    fake.push_event(mention(thread))
+    fake.push_event(in_thread("1700000104.000200", thread, "U2"))
+    wait_for(lambda: enqueued_events(slack_env, "1700000104.000200"), what="U2's reply")
