@@ -21,6 +21,7 @@ from agent.slack_cursors import Cursors
 from agent.slack_outbound import Notice, Outbound
 from agent.slack_policy import SenderPolicy
 from agent.slack_store import ProfileStore, safe_name
+from agent.slack_text import from_slack
 
 WANTED_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})
 
@@ -178,7 +179,7 @@ class Inbound:
 
     def _queue_message(self, message: SlackMessage) -> dict[str, Any]:
         sender = self.users.name(message.user)
-        text = message.text.replace(f"<@{self.bot_user}>", "").strip()
+        text = from_slack(message.text, self.bot_user, self.users.name)
         item: dict[str, Any] = {
             "channel": "slack",
             "channelProfileId": self.name,

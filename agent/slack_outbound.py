@@ -26,6 +26,7 @@ from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
 from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
 from agent.slack_store import ProfileStore
+from agent.slack_text import split, to_slack
 
 POST_BACKOFF = 1.0
 POST_BACKOFF_MAX = 60.0
@@ -39,6 +40,7 @@ class Route:
     message_id: str
     channel: str
     thread_ts: str
+    parts_posted: int = 0  # of a long reply, posted before a restart: not posted again
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,10 @@ class Outbound:
             reason = f"no Slack route for message {message_id!r}"
             move_to_failed(self.queue_dir, path, reason, reply)
             return None
-        return Delivery(path, reply, Route(message_id, found["channel"], found["thread_ts"]))
+        route = Route(
+            message_id, found["channel"], found["thread_ts"], int(found.get("parts_posted") or 0)
+        )
+        return Delivery(path, reply, route)
 
     # ---- what a lane does with a job
 
@@ -203,18 +208,28 @@ class Outbound:
         )
 
     def deliver(self, lane: "Lane", delivery: Delivery) -> None:
+        """Post a reply as one or more ordered parts; each posted part is recorded."""
         route = delivery.route
-        text = str(delivery.reply.get("message") or "").strip() or "(empty reply)"
-        try:
-            attempts = lane.call(
-                "chat.postMessage", channel=route.channel, text=text, thread_ts=route.thread_ts
-            )
-        except ApiFailure as failure:
-            if failure.kind == AUTH:
-                self.on_problem(failure)
+        parts = split(to_slack(str(delivery.reply.get("message") or "")))
+        attempts = 0
+        for number in range(route.parts_posted, len(parts)):
+            try:
+                attempts += lane.call(
+                    "chat.postMessage",
+                    channel=route.channel,
+                    text=parts[number],
+                    thread_ts=route.thread_ts,
+                    link_names=False,
+                    unfurl_links=False,
+                )
+            except ApiFailure as failure:
+                if failure.kind == AUTH:
+                    self.on_problem(failure)
+                    return
+                self._failed(delivery, failure.error)
                 return
-            self._failed(delivery, failure.error)
-            return
+            if len(parts) > 1:
+                self.store.update_route(route.message_id, parts_posted=number + 1)
         _remove(delivery.path)
         self.store.drop_route(route.message_id)
         self.posted += 1
@@ -226,6 +241,7 @@ class Outbound:
             message_id=route.message_id,
             slack_channel=route.channel,
             attempts=attempts,
+            parts=len(parts),
         )
 
     def _failed(self, delivery: Delivery, error: str) -> None:

@@ -171,6 +171,12 @@ class ProfileStore:
             {"channel": channel, "thread_ts": thread_ts, "created": time.time()},
         )
 
+    def update_route(self, ts: str, **fields: Any) -> None:
+        """Add fields to a route (e.g. how many parts of a long reply are posted)."""
+        route = self.route(ts)
+        if route is not None:
+            atomic_write_json(self.routes_dir / f"{safe_name(ts)}.json", {**route, **fields})
+
     def route(self, ts: str) -> dict[str, Any] | None:
         try:
             return json.loads((self.routes_dir / f"{safe_name(ts)}.json").read_text())

@@ -133,3 +133,53 @@ def test_follow_threads_all_hears_everyone_in_the_thread(slack_env, fake):
     fake.push_event(mention(thread))
     fake.push_event(in_thread("1700000104.000200", thread, "U2"))
     wait_for(lambda: enqueued_events(slack_env, "1700000104.000200"), what="U2's reply")
+
+
+def replies_in(slack: FakeSlack, channel: str, thread: str) -> list[str]:
+    return [
+        c.params["text"]
+        for c in slack.posted()
+        if c.params.get("channel") == channel and c.params.get("thread_ts") == thread
+    ]
+
+
+def test_the_agent_reads_plain_text_with_names_and_links(slack_env, fake):
+    start(slack_env, fake)
+    ts = "1700000105.000100"
+    fake.push_event(
+        mention(ts, "ask <@U1> in <#C9|general> about <https://x.org/?a=1&amp;b=2|this> &lt;3")
+    )
+    item = wait_for(lambda: queued(slack_env, ts), what="the queue message")[0]
+    assert item["message"] == "ask @alice in #general about this (https://x.org/?a=1&b=2) <3"
+
+
+def test_channel_pings_in_agent_output_arrive_escaped(slack_env, fake):
+    start(
+        slack_env, fake, ["sh", "-c", "cat >/dev/null; echo '<!channel> <!here> **done** & <@U1>'"]
+    )
+    ts = "1700000106.000100"
+    fake.push_event(mention(ts))
+    posted = wait_for(lambda: replies_in(fake, CHANNEL, ts), 30, what="the reply")
+    assert posted == ["&lt;!channel&gt; &lt;!here&gt; *done* &amp; &lt;@U1&gt;"]
+    assert fake.posted()[0].params.get("link_names") is False
+
+
+def test_a_10000_character_reply_arrives_as_ordered_messages_in_the_thread(slack_env, fake):
+    script = "print('\\n\\n'.join(f'paragraph {i:03d} ' + 'x' * 90 for i in range(100)))"
+    start(slack_env, fake, ["python3", "-c", script])
+    ts = "1700000107.000100"
+    fake.push_event(mention(ts))
+    wait_for(lambda: events(slack_env, "slack.reply.posted"), 60, what="the whole reply posted")
+    parts = replies_in(fake, CHANNEL, ts)
+    assert len(parts) >= 3 and all(len(p) <= 3500 for p in parts)
+    numbers = [int(line.split()[1]) for p in parts for line in p.split("\n\n")]
+    assert numbers == list(range(100))  # every paragraph once, in order, none cut
+    assert events(slack_env, "slack.reply.posted")[0]["parts"] == len(parts)
+
+
+def test_an_empty_reply_says_why(slack_env, fake):
+    start(slack_env, fake, ["sh", "-c", "cat >/dev/null"])
+    ts = "1700000108.000100"
+    fake.push_event(mention(ts))
+    posted = wait_for(lambda: replies_in(fake, CHANNEL, ts), 30, what="the reply")
+    assert posted == ["_(The agent finished without writing a reply.)_"]
