@@ -138,6 +138,11 @@ class SlackProfileConfig(Section):
         "follow_threads": Setting(
             "mentioner", "str", "one of mentioner, all", choices=("mentioner", "all")
         ),
+        "ack_reaction": Setting("eyes", "str", "an emoji name without colons (empty: none)"),
+        "done_reaction": Setting(
+            "white_check_mark", "str", "an emoji name without colons (empty: none)"
+        ),
+        "failed_reaction": Setting("x", "str", "an emoji name without colons (empty: none)"),
     }
 
 

@@ -18,12 +18,16 @@ from agent.log import event
 from agent.queue import Queue
 from agent.slack_api import WORKER, ApiFailure, SlackApi
 from agent.slack_cursors import Cursors
-from agent.slack_outbound import Notice, Outbound
+from agent.slack_outbound import Notice, Outbound, Reaction
 from agent.slack_policy import SenderPolicy
 from agent.slack_store import ProfileStore, safe_name
 from agent.slack_text import from_slack
 
 WANTED_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})
+NOT_SUPPORTED = (
+    "Sorry, this bot does not support slash commands or buttons. "
+    "Mention it in a channel (or send it a direct message, where allowed) instead."
+)
 
 
 @dataclass(frozen=True)
@@ -119,23 +123,43 @@ class Inbound:
     def accept(
         self, channel: str, body: dict[str, Any], channel_type: str | None, source: str
     ) -> bool:
-        """Enqueue one Slack message if it is for the bot and new; True when enqueued."""
+        """Enqueue one Slack message if it is for the bot, allowed and new; True when enqueued."""
         message = SlackMessage.parse(channel, body, channel_type)
-        if not message.ts or self.cursors.seen(channel, message.ts):
+        if not self.admit(message):
+            return False
+        self.react_received(message)
+        return self.enqueue(message, source)
+
+    def admit(self, message: SlackMessage) -> bool:
+        """Local checks only (no Web API call): new, for the bot, from an allowed sender."""
+        if not message.ts or self.cursors.seen(message.channel, message.ts):
             return False
         if not self._for_the_bot(message):
-            self.cursors.skip(channel, message.ts)  # not for us: no need to fetch it again
+            self.cursors.skip(message.channel, message.ts)  # not for us: never fetched again
             return False
         denial = self.policy.denial(message.user, message.direct)
         if denial is not None:
-            self.cursors.skip(channel, message.ts)
+            self.cursors.skip(message.channel, message.ts)
             self._deny(message, denial)
             return False
-        item = self._queue_message(message)
+        return True
+
+    def react_received(self, message: SlackMessage) -> None:
+        """The first sign of life: the ack reaction, added by the channel's lane."""
+        emoji = self.profile.ack_reaction
+        if emoji:
+            self.outbound.react(Reaction(message.channel, message.ts, add=emoji))
+
+    def enqueue(self, message: SlackMessage, source: str) -> bool:
+        """Into queue/incoming/ through the cursor protocol; False when already there."""
+        channel = message.channel
+        item = self._queue_message(message)  # users.info: may be slow
         file_name = f"slack_{safe_name(self.name)}_{safe_name(channel)}_{safe_name(message.ts)}"
 
         def enqueue() -> None:
-            self.store.write_route(item["messageId"], channel, message.thread)
+            self.store.write_route(
+                item["messageId"], channel, message.thread, message_ts=message.ts
+            )
             self.queue.enqueue(item, name=f"{file_name}.json")  # staged in tmp/, renamed in
 
         follower = message.user if message.direct or self._mentions(message) else None
@@ -194,23 +218,91 @@ class Inbound:
             item["agent"] = self.profile.agent
         return item
 
-    def on_envelope(self, client: Any, request: Any) -> None:
-        """A Socket Mode envelope: enqueue first, acknowledge after (Slack redelivers)."""
-        from slack_sdk.socket_mode.response import SocketModeResponse
+    # ---- Socket Mode
 
+    def on_envelope(self, client: Any, request: Any) -> None:
+        """One Socket Mode envelope, acknowledged before any slow Web API call.
+
+        A message for the bot is first written to the profile's inbox (durable), then
+        acknowledged, then enqueued: a crash in between is replayed from the inbox, and a
+        crash before the ack is redelivered by Slack. Slash commands and interactive
+        payloads are answered "not supported"; anything else is acknowledged and ignored.
+        """
         try:
             if request.type == "events_api":
-                body = request.payload.get("event") or {}
-                if body.get("type") in ("message", "app_mention") and body.get("channel"):
-                    self.accept(body["channel"], body, body.get("channel_type"), source="socket")
+                self._event(client, request)
+            elif request.type == "slash_commands":
+                _ack(client, request, {"response_type": "ephemeral", "text": NOT_SUPPORTED})
+                self._unsupported(request.type, request.payload)
+            else:
+                _ack(client, request)
+                if request.type == "interactive":
+                    self._unsupported(request.type, request.payload)
         except Exception as exc:  # not acknowledged: Slack redelivers, backfill catches up
-            event(
-                "slack.inbound.error",
-                f"slack profile {self.name}: could not enqueue an event: "
-                f"{type(exc).__name__}: {self.api.redact(str(exc))}",
-                worker=WORKER,
-                level=logging.ERROR,
-                profile=self.name,
-            )
+            self._error(exc)
+
+    def _event(self, client: Any, request: Any) -> None:
+        body = request.payload.get("event") or {}
+        if body.get("type") not in ("message", "app_mention") or not body.get("channel"):
+            _ack(client, request)
             return
-        client.send_socket_mode_response(SocketModeResponse(envelope_id=request.envelope_id))
+        message = SlackMessage.parse(body["channel"], body, body.get("channel_type"))
+        if not self.admit(message):
+            _ack(client, request)
+            return
+        self.store.inbox_put(message.channel, message.ts, {"channel": message.channel, **body})
+        _ack(client, request)
+        self.react_received(message)
+        try:
+            self.enqueue(message, source="socket")
+        except Exception as exc:  # stays in the inbox: replayed at the next connect
+            self._error(exc)
+            return
+        self.store.inbox_drop(message.channel, message.ts)
+
+    def replay_inbox(self) -> None:
+        """Enqueue what was acknowledged but not enqueued before a crash or disconnect."""
+        for body in self.store.inbox():
+            channel = str(body.get("channel") or "")
+            message = SlackMessage.parse(channel, body, body.get("channel_type"))
+            try:
+                if not self.cursors.seen(channel, message.ts):
+                    self.enqueue(message, source="inbox")
+            except Exception as exc:  # stays in the inbox for the next connect
+                self._error(exc)
+                continue
+            self.store.inbox_drop(channel, message.ts)
+
+    def _unsupported(self, kind: str, payload: dict[str, Any]) -> None:
+        user = (payload.get("user") or {}).get("id") or payload.get("user_id")
+        channel = (payload.get("channel") or {}).get("id") or payload.get("channel_id")
+        event(
+            "slack.unsupported",
+            f"slack profile {self.name}: {kind} from {user} answered 'not supported'",
+            worker=WORKER,
+            profile=self.name,
+            kind=kind,
+            user=user,
+            slack_channel=channel,
+        )
+        if kind == "interactive" and user and channel:
+            self.outbound.notice(
+                Notice(str(channel), None, NOT_SUPPORTED, "unsupported", ephemeral_to=str(user))
+            )
+
+    def _error(self, exc: Exception) -> None:
+        event(
+            "slack.inbound.error",
+            f"slack profile {self.name}: could not enqueue an event: "
+            f"{type(exc).__name__}: {self.api.redact(str(exc))}",
+            worker=WORKER,
+            level=logging.ERROR,
+            profile=self.name,
+        )
+
+
+def _ack(client: Any, request: Any, payload: dict[str, Any] | None = None) -> None:
+    from slack_sdk.socket_mode.response import SocketModeResponse
+
+    response = SocketModeResponse(envelope_id=request.envelope_id, payload=payload)
+    client.send_socket_mode_response(response)

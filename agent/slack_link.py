@@ -30,6 +30,7 @@ from agent.slack_api import (
 )
 from agent.slack_backfill import Backfill
 from agent.slack_connection import close, is_dead, open_socket
+from agent.slack_feedback import Reactions
 from agent.slack_inbound import Inbound
 from agent.slack_outbound import Outbound
 from agent.slack_store import ProfileStore
@@ -58,6 +59,7 @@ class ProfileLink:
             self.stop_event,
             ready=lambda: self.state == RUNNING and self._problem is None,
             on_problem=self._problem_elsewhere,
+            reactions=Reactions.of(profile),
         )
         queue = Queue(config.queue_dir)
         self.inbound = Inbound(name, profile, self.api, self.store, queue, self.outbound)
@@ -185,6 +187,7 @@ class ProfileLink:
         bot_token = read_token(self.profile.bot_token_file, "bot")
         app_token = read_token(self.profile.app_token_file, "app")
         self.api.login(bot_token, app_token)
+        self.inbound.replay_inbox()  # acknowledged before a crash, not enqueued yet
         plan = self.backfill.plan()  # before the socket opens: nothing slips between
         self.socket = open_socket(self.api, app_token, self.inbound.on_envelope)
         self._session = self.socket.session_id()

@@ -25,6 +25,7 @@ from agent.clock import iso_utc
 from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
 from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
+from agent.slack_feedback import Reactions, failure_notice
 from agent.slack_store import ProfileStore
 from agent.slack_text import split, to_slack
 
@@ -41,6 +42,19 @@ class Route:
     channel: str
     thread_ts: str
     parts_posted: int = 0  # of a long reply, posted before a restart: not posted again
+    message_ts: str | None = None  # the message itself (its reactions); None in old routes
+    failure_noticed: bool = False
+
+    @classmethod
+    def of(cls, message_id: str, found: dict[str, Any]) -> "Route":
+        return cls(
+            message_id,
+            found["channel"],
+            found["thread_ts"],
+            int(found.get("parts_posted") or 0),
+            found.get("message_ts"),
+            bool(found.get("failure_noticed")),
+        )
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Notice:
     thread_ts: str | None
     text: str
     why: str  # for the event: deny_notice, failure...
+    ephemeral_to: str | None = None  # a user: chat.postEphemeral, only they see it
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,16 @@ class Reaction:
     remove: str = ""
 
 
-Job = Delivery | Notice | Reaction
+@dataclass(frozen=True)
+class Failure:
+    """A message of this profile finally failed (queue/failed/): tell its thread once."""
+
+    route: Route
+    reason: str
+    attempts: int
+
+
+Job = Delivery | Notice | Reaction | Failure
 
 
 class Stopping(Exception):
@@ -89,8 +113,10 @@ class Outbound:
         stop: threading.Event,
         ready: Callable[[], bool],
         on_problem: Callable[[ApiFailure], None],
+        reactions: Reactions,
     ):
         self.name = name
+        self.reactions = reactions
         self.api = api
         self.store = store
         self.queue_dir = queue_dir
@@ -119,6 +145,15 @@ class Outbound:
     def react(self, reaction: Reaction) -> None:
         if reaction.add or reaction.remove:
             self.lane(reaction.channel).put(reaction)
+
+    def failed_message(self, message_id: str, reason: str, attempts: int) -> None:
+        """The queue gave up on a message: a notice and the failed reaction, once."""
+        found = self.store.route(message_id)
+        if found is None:
+            return  # not ours, or long gone
+        route = Route.of(message_id, found)
+        if not route.failure_noticed:
+            self.lane(route.channel).put(Failure(route, reason, attempts))
 
     def finish(self, path: Path) -> None:
         with self.lock:
@@ -149,27 +184,41 @@ class Outbound:
             reason = f"no Slack route for message {message_id!r}"
             move_to_failed(self.queue_dir, path, reason, reply)
             return None
-        route = Route(
-            message_id, found["channel"], found["thread_ts"], int(found.get("parts_posted") or 0)
-        )
-        return Delivery(path, reply, route)
+        return Delivery(path, reply, Route.of(message_id, found))
 
     # ---- what a lane does with a job
 
     def perform(self, lane: "Lane", job: Job) -> None:
         if isinstance(job, Delivery):
             self.deliver(lane, job)
+        elif isinstance(job, Failure):
+            self._tell_failure(lane, job)
         elif isinstance(job, Notice):
             self._post_notice(lane, job)
         else:
             self._swap_reaction(lane, job)
 
+    def _tell_failure(self, lane: "Lane", failure: Failure) -> None:
+        route = failure.route
+        text = failure_notice(failure.reason, failure.attempts)
+        self._post_notice(lane, Notice(route.channel, route.thread_ts, text, "failure"))
+        self._swap(route, self.reactions.failed)
+        self.store.update_route(route.message_id, failure_noticed=True)
+
+    def _swap(self, route: Route, emoji: str) -> None:
+        """Replace the ack reaction on the message with `emoji` (after the current job)."""
+        if route.message_ts:
+            self.react(Reaction(route.channel, route.message_ts, emoji, self.reactions.ack))
+
     def _post_notice(self, lane: "Lane", notice: Notice) -> None:
         params: dict[str, Any] = {"channel": notice.channel, "text": notice.text}
         if notice.thread_ts:
             params["thread_ts"] = notice.thread_ts
+        method = "chat.postMessage"
+        if notice.ephemeral_to:
+            method, params["user"] = "chat.postEphemeral", notice.ephemeral_to
         try:
-            lane.call("chat.postMessage", **params)
+            lane.call(method, **params)
         except ApiFailure as failure:
             self._cosmetic_failed("notice", notice.channel, failure)
             return
@@ -232,6 +281,7 @@ class Outbound:
                 self.store.update_route(route.message_id, parts_posted=number + 1)
         _remove(delivery.path)
         self.store.drop_route(route.message_id)
+        self._swap(route, self.reactions.done)
         self.posted += 1
         event(
             "slack.reply.posted",

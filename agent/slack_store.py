@@ -4,8 +4,11 @@
         message ts seen, the recent ts already enqueued (duplicate deliveries are dropped
         against it), the threads the bot takes part in (whose replies it listens to) and
         each thread's followers (the users who mentioned the bot in it)
-    state_dir/slack/<profile>/routes/<ts>.json           where the reply to message <ts> goes
-        (the Slack channel and thread), removed once the reply is posted
+    state_dir/slack/<profile>/routes/<id>.json           where the reply to message <id> goes
+        (the Slack channel and thread), removed once the reply is posted; <id> is the
+        queue messageId (<profile>.<channel>.<ts>; the bare ts before that scheme)
+    state_dir/slack/<profile>/inbox/<channel>_<ts>.json  an event acknowledged to Slack and
+        not enqueued yet (the ack comes before slow calls); replayed at the next connect
 
 Every write is atomic (temp file, fsync, rename, fsync of the directory).
 """
@@ -128,11 +131,12 @@ class ProfileStore:
         self.root = state_dir / "slack" / safe_name(profile)
         self.channels_dir = self.root / "channels"
         self.routes_dir = self.root / "routes"
+        self.inbox_dir = self.root / "inbox"
         self.lock = threading.RLock()
         self._cursors: dict[str, ChannelCursor] = {}
 
     def prepare(self) -> None:
-        for directory in (self.channels_dir, self.routes_dir):
+        for directory in (self.channels_dir, self.routes_dir, self.inbox_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.prune_routes()
 
@@ -165,10 +169,10 @@ class ProfileStore:
 
     # ---- reply routes
 
-    def write_route(self, ts: str, channel: str, thread_ts: str) -> None:
+    def write_route(self, ts: str, channel: str, thread_ts: str, **extra: Any) -> None:
         atomic_write_json(
             self.routes_dir / f"{safe_name(ts)}.json",
-            {"channel": channel, "thread_ts": thread_ts, "created": time.time()},
+            {"channel": channel, "thread_ts": thread_ts, "created": time.time(), **extra},
         )
 
     def update_route(self, ts: str, **fields: Any) -> None:
@@ -195,3 +199,21 @@ class ProfileStore:
                     path.unlink()
             except OSError:
                 pass
+
+    # ---- inbox: acknowledged events not enqueued yet
+
+    def inbox_put(self, channel: str, ts: str, item: dict[str, Any]) -> None:
+        atomic_write_json(self.inbox_dir / f"{safe_name(channel)}_{safe_name(ts)}.json", item)
+
+    def inbox_drop(self, channel: str, ts: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.inbox_dir / f"{safe_name(channel)}_{safe_name(ts)}.json")
+
+    def inbox(self) -> list[dict[str, Any]]:
+        items = []
+        for path in sorted(self.inbox_dir.glob("*.json")):
+            try:
+                items.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return items

@@ -1,8 +1,9 @@
 """A small fake Slack on loopback: the Web API methods the worker calls, and Socket Mode.
 
 HTTP on 127.0.0.1 answers auth.test, apps.connections.open (a ws:// URL of our own
-WebSocket server), conversations.history and .replies, users.info and chat.postMessage, checking the
-bearer token of each call. The WebSocket server (the `websockets` library) says hello,
+WebSocket server), conversations.history and .replies, users.info, chat.postMessage,
+chat.postEphemeral, reactions.add and reactions.remove, checking the bearer token of each
+call. The WebSocket server (the `websockets` library) says hello,
 pushes Socket Mode envelopes on request and records the acknowledgements it receives.
 Tests can script the next answers of a method (429 with Retry-After, an error code) and
 drop the live WebSocket connections.
@@ -48,6 +49,8 @@ class FakeSlack:
             deque
         )
         self.acks: list[str] = []
+        self.ack_payloads: dict[str, Any] = {}
+        self.reactions: dict[tuple[str, str], list[str]] = defaultdict(list)  # (channel, ts)
         self.connections: list[ServerConnection] = []
         self.ws_opened = 0
         self.refuse_connections = False  # apps.connections.open answers an error while set
@@ -110,6 +113,23 @@ class FakeSlack:
     def live(self) -> int:
         with self.lock:
             return len(self.connections)
+
+    def reactions_on(self, channel: str, ts: str) -> list[str]:
+        with self.lock:
+            return list(self.reactions[(channel, ts)])
+
+    def push_envelope(self, kind: str, payload: dict[str, Any]) -> str:
+        """Push a non-event envelope (slash_commands, interactive); returns its id."""
+        envelope_id = f"env-{next(self._envelopes)}"
+        self.send_raw(
+            {
+                "envelope_id": envelope_id,
+                "type": kind,
+                "accepts_response_payload": kind == "slash_commands",
+                "payload": payload,
+            }
+        )
+        return envelope_id
 
     def push_event(self, event: dict[str, Any], retry_attempt: int = 0) -> str:
         """Push one events_api envelope to every live connection; returns its envelope id."""
@@ -179,6 +199,7 @@ class FakeSlack:
                 if isinstance(message, dict) and message.get("envelope_id"):
                     with self.lock:
                         self.acks.append(message["envelope_id"])
+                        self.ack_payloads[message["envelope_id"]] = message.get("payload")
         except ConnectionClosed:
             pass
         finally:
@@ -288,4 +309,23 @@ class FakeSlack:
             if params.get("thread_ts"):
                 message["thread_ts"] = params["thread_ts"]
             return {"ok": True, "channel": params.get("channel"), "ts": ts, "message": message}
+        if method == "chat.postEphemeral":
+            return {"ok": True, "message_ts": f"{1800000000 + next(self._posted_ts)}.000000"}
+        if method in ("reactions.add", "reactions.remove"):
+            return self._react(method, params)
         return {"ok": False, "error": "unknown_method"}
+
+    def _react(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        key = (params.get("channel", ""), params.get("timestamp", ""))
+        name = params.get("name", "")
+        with self.lock:
+            present = self.reactions[key]
+            if method == "reactions.add":
+                if name in present:
+                    return {"ok": False, "error": "already_reacted"}
+                present.append(name)
+            else:
+                if name not in present:
+                    return {"ok": False, "error": "no_reaction"}
+                present.remove(name)
+        return {"ok": True}

@@ -4,6 +4,7 @@
 Real supervisors against the fake Slack on loopback, like tests/test_slack.py.
 """
 
+import json
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from tests.test_slack import (  # noqa: F401  (fake and slack_env are fixtures)
     queued,
     slack_env,
     wait_running,
+    write_reply,
     write_tokens,
 )
 
@@ -183,3 +185,90 @@ def test_an_empty_reply_says_why(slack_env, fake):
     fake.push_event(mention(ts))
     posted = wait_for(lambda: replies_in(fake, CHANNEL, ts), 30, what="the reply")
     assert posted == ["_(The agent finished without writing a reply.)_"]
+
+
+def test_reactions_show_receipt_then_done(slack_env, fake):
+    start(slack_env, fake, ["cat"])
+    ts = "1700000109.000100"
+    fake.push_event(mention(ts))
+    wait_for(lambda: "eyes" in fake.reactions_on(CHANNEL, ts), 10, what="the ack reaction")
+    wait_for(
+        lambda: fake.reactions_on(CHANNEL, ts) == ["white_check_mark"], 30, what="done reaction"
+    )
+    assert replies_in(fake, CHANNEL, ts) == ["hello"]
+
+
+def test_a_failing_agent_produces_one_notice_and_the_failed_reaction(slack_env, fake):
+    crash = "cat >/dev/null; echo 'Traceback (most recent call last): xoxb-1-2-leak' >&2; exit 1"
+    start(slack_env, fake, ["sh", "-c", crash])
+    ts = "1700000110.000100"
+    fake.push_event(mention(ts))
+    wait_for(lambda: fake.reactions_on(CHANNEL, ts) == ["x"], 30, what="the failed reaction")
+    notices = replies_in(fake, CHANNEL, ts)
+    assert len(notices) == 1
+    assert "could not answer" in notices[0] and "agent failed" in notices[0]
+    assert "Traceback" not in notices[0] and "xoxb" not in notices[0]
+    # A restart reads failed/ again: the thread is not told twice.
+    assert slack_env.stop().returncode == 0
+    slack_env.start()
+    wait_running(slack_env)
+    sentinel(slack_env, fake, "1700000110.000200")
+    wait_for(lambda: "eyes" in fake.reactions_on(CHANNEL, "1700000110.000200"), what="ack")
+    assert len(replies_in(fake, CHANNEL, ts)) == 1
+
+
+def test_slash_commands_and_buttons_are_answered_not_supported(slack_env, fake):
+    start(slack_env, fake)
+    slash = fake.push_envelope(
+        "slash_commands", {"command": "/ask", "text": "hi", "user_id": "U1", "channel_id": CHANNEL}
+    )
+    wait_for(lambda: fake.acked(slash), what="the slash command acknowledged")
+    assert "not support" in fake.ack_payloads[slash]["text"]
+    button = fake.push_envelope(
+        "interactive",
+        {"type": "block_actions", "user": {"id": "U1"}, "channel": {"id": CHANNEL}},
+    )
+    wait_for(lambda: fake.acked(button), what="the interactive envelope acknowledged")
+    ephemeral = wait_for(lambda: fake.calls_of("chat.postEphemeral"), what="an ephemeral answer")
+    assert ephemeral[0].params["user"] == "U1" and "not support" in ephemeral[0].params["text"]
+    assert len(events(slack_env, "slack.unsupported")) == 2
+
+
+def test_two_channels_with_the_same_ts_each_get_their_own_reply(slack_env, fake):
+    start(slack_env, fake, ["cat"], channels=[CHANNEL, "C200"])
+    ts = "1700000111.000100"
+    fake.push_event(mention(ts, "for C100"))
+    fake.push_event(mention(ts, "for C200") | {"channel": "C200"})
+    wait_for(lambda: len(fake.posted()) == 2, 30, what="two replies")
+    assert replies_in(fake, CHANNEL, ts) == ["for C100"]
+    assert replies_in(fake, "C200", ts) == ["for C200"]
+
+
+def test_a_reply_to_a_message_enqueued_before_the_new_ids_still_finds_its_thread(slack_env, fake):
+    start(slack_env, fake)
+    routes = slack_env.state_dir / "slack" / "main" / "routes"
+    old_ts = "1700000112.000100"
+    (routes / f"{old_ts}.json").write_text(
+        json.dumps({"channel": CHANNEL, "thread_ts": old_ts, "created": 1700000112})
+    )
+    item = {
+        "channelProfileId": "main",
+        "conversationId": old_ts,
+        "messageId": old_ts,
+        "sender": "alice",
+        "message": "old",
+    }
+    write_reply(slack_env, item, "late but here")
+    wait_for(lambda: replies_in(fake, CHANNEL, old_ts) == ["late but here"], what="old reply")
+
+
+def test_an_acknowledged_event_left_in_the_inbox_is_enqueued_at_the_next_start(slack_env, fake):
+    inbox = slack_env.state_dir / "slack" / "main" / "inbox"
+    inbox.mkdir(parents=True)
+    ts = "1700000113.000100"
+    (inbox / f"{CHANNEL}_{ts}.json").write_text(json.dumps(mention(ts, "from before")))
+    start(slack_env, fake)
+    item = wait_for(lambda: queued(slack_env, ts), what="the inbox message enqueued")[0]
+    assert item["message"] == "from before"
+    assert enqueued_events(slack_env, ts)[0]["source"] == "inbox"
+    assert not list(inbox.iterdir())

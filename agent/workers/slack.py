@@ -1,9 +1,11 @@
 """The Slack worker: one ProfileLink (agent/slack_link.py) per [slack.profiles.NAME].
 
 The worker's own loop only heartbeats, hands queue/outgoing/slack_*.json to the profile
-named in each reply, and watches the profile threads (a dead one crashes the worker, and
-the runner restarts it); every network call happens in a profile thread. health()
-reports each profile's state, plus a `degraded` reason while any profile is not running.
+named in each reply, tells a profile when the queue gave up on one of its messages (a
+`slack_*.json.reason` with `attempts` in queue/failed/), and watches the profile threads
+(a dead one crashes the worker, and the runner restarts it); every network call happens
+in a profile thread. health() reports each profile's state, plus a `degraded` reason
+while any profile is not running.
 See docs/slack.md.
 """
 
@@ -11,6 +13,7 @@ import contextlib
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.config import Config
@@ -30,6 +33,8 @@ class SlackWorker(Worker):
         self.config = config
         self.links: dict[str, ProfileLink] = {}
         self.outgoing = config.queue_dir / "outgoing"
+        self.failed = config.queue_dir / "failed"
+        self._failures_seen: set[str] = set()  # reason files already looked at
 
     def initialize(self, ctx: WorkerContext) -> None:
         Queue(self.config.queue_dir).ensure_dirs()
@@ -50,6 +55,7 @@ class SlackWorker(Worker):
                         f"{type(crash).__name__}: {redact(str(crash), tuple(link.secrets))}"
                     )
             self._scan_outgoing()
+            self._scan_failed()
 
     def _scan_outgoing(self) -> None:
         found = []
@@ -79,6 +85,28 @@ class SlackWorker(Worker):
                 continue
             link.offer(path)
 
+    def _scan_failed(self) -> None:
+        """Messages the queue gave up on: each profile tells the thread (once)."""
+        try:
+            with os.scandir(self.failed) as entries:
+                names = [
+                    e.name
+                    for e in entries
+                    if e.name.startswith("slack_")
+                    and e.name.endswith(".json.reason")
+                    and e.name not in self._failures_seen
+                ]
+        except FileNotFoundError:
+            return
+        for name in sorted(names):
+            self._failures_seen.add(name)
+            failure = _message_failure(self.failed, name)
+            link = self.links.get(str(failure.get("profile"))) if failure else None
+            if failure and link is not None:
+                link.outbound.failed_message(
+                    failure["messageId"], failure["reason"], failure["attempts"]
+                )
+
     def wake(self) -> None:
         for link in self.links.values():
             link.stop()
@@ -107,3 +135,23 @@ class SlackWorker(Worker):
         if reason:
             detail["degraded"] = reason
         return detail
+
+
+def _message_failure(failed: Path, reason_name: str) -> dict[str, Any] | None:
+    """A failed *message* (the queue's reason has `attempts`; a reply that could not be
+    posted has not) with its profile, or None."""
+    try:
+        info = json.loads((failed / reason_name).read_text())
+        message = json.loads((failed / reason_name.removesuffix(".reason")).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(message, dict) or "attempts" not in info:
+        return None
+    if "originalMessage" in message or not info.get("messageId"):
+        return None
+    return {
+        "profile": message.get("channelProfileId"),
+        "messageId": str(info["messageId"]),
+        "reason": str(info.get("reason") or ""),
+        "attempts": int(info.get("attempts") or 0),
+    }
