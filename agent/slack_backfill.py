@@ -4,7 +4,9 @@ On every (re)connect the cursors are pinned before the WebSocket opens (the plan
 each channel's conversations.history since its cursor, and conversations.replies for the
 bot's most recently active threads, go through Inbound.accept like live events. A channel
 whose backfill succeeded is unpinned; one that failed stays pinned (its cursor does not
-move) and is tried again every RETRY seconds. An auth failure stops the profile.
+move) and is tried again every RETRY seconds; a rate-limited page waits Retry-After. An
+auth failure stops the profile. Only the configured `channels` are backfilled (all
+channels the bot has seen when none are configured; DMs only with `allow_dm`).
 """
 
 import logging
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.log import event
-from agent.slack_api import AUTH, WORKER, ApiFailure, SlackApi
+from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
 from agent.slack_inbound import Inbound
 from agent.slack_store import ts_key
 
@@ -21,11 +23,20 @@ HISTORY_PAGES = 20  # at most this many pages of 200 messages per channel and ba
 THREAD_BACKFILL = 20  # threads per channel whose missed replies a backfill fetches
 THREAD_AGE = 7 * 86400  # ... if they started at most this long before the cursor
 RETRY = 30.0  # a channel whose backfill failed is tried again after this
+RATELIMIT_TRIES = 5  # a page rate limited this often fails the channel's backfill
 
 
 class Backfill:
-    def __init__(self, name: str, api: SlackApi, inbound: Inbound, channels: Callable[[], list]):
+    def __init__(
+        self,
+        name: str,
+        api: SlackApi,
+        inbound: Inbound,
+        channels: Callable[[], list[str]],
+        wait: Callable[[float], bool],
+    ):
         self.name = name
+        self.wait = wait  # sleeps; True when the profile is stopping
         self.api = api
         self.inbound = inbound
         self.cursors = inbound.cursors
@@ -113,9 +124,34 @@ class Backfill:
             kwargs: dict[str, Any] = {**params, "channel": channel, "oldest": oldest, "limit": 200}
             if cursor:
                 kwargs["cursor"] = cursor
-            page = self.api.call(method, read=True, **kwargs)
+            page = self._page(method, kwargs)
             messages.extend(page.get("messages") or [])
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor:
                 break
         return [m for m in messages if ts_key(m.get("ts", "")) > ts_key(oldest)]
+
+    def _page(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One page; a 429 waits Retry-After and asks again (RATELIMIT_TRIES times at most)."""
+        for _ in range(RATELIMIT_TRIES - 1):
+            try:
+                return self.api.call(method, read=True, **params)
+            except ApiFailure as failure:
+                if failure.kind != RATELIMITED:
+                    raise
+                self._ratelimited(method, params["channel"], failure.retry_after)
+                if self.wait(failure.retry_after):
+                    raise ApiFailure(method, TRANSIENT, "stopping") from None
+        return self.api.call(method, read=True, **params)
+
+    def _ratelimited(self, method: str, channel: str, delay: float) -> None:
+        event(
+            "slack.ratelimited",
+            f"slack profile {self.name}: {method} for {channel} rate limited, "
+            f"retrying in {delay:g}s",
+            worker=WORKER,
+            level=logging.WARNING,
+            profile=self.name,
+            slack_channel=channel,
+            retry_after_s=delay,
+        )

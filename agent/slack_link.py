@@ -63,7 +63,9 @@ class ProfileLink:
         )
         queue = Queue(config.queue_dir)
         self.inbound = Inbound(name, profile, self.api, self.store, queue, self.outbound)
-        self.backfill = Backfill(name, self.api, self.inbound, self._backfill_channels)
+        self.backfill = Backfill(
+            name, self.api, self.inbound, self._backfill_channels, self.stop_event.wait
+        )
         self.state = CONNECTING
         self.last_error: str | None = None
         self.since = time.time()
@@ -195,7 +197,11 @@ class ProfileLink:
         self._set(RUNNING)
 
     def _backfill_channels(self) -> list[str]:
-        return sorted(set(self.profile.channels) | set(self.inbound.cursors.known_channels()))
+        """The configured channels; without any, every channel the bot has seen."""
+        if self.profile.channels:
+            return sorted(self.profile.channels)
+        known = self.inbound.cursors.known_channels()
+        return [c for c in known if self.profile.allow_dm or not c.startswith("D")]
 
     def _serve(self) -> None:
         while not self.stop_event.is_set():

@@ -2,18 +2,21 @@
 
 The worker hands each reply file to Outbound.offer(). Its route (the Slack channel and
 thread, written by Inbound) picks the channel's Lane: one thread per Slack channel that
-posts that channel's replies in order, so one channel's rate limit or outage never holds
-up another. In a lane: 429 waits Retry-After, transient errors back off (Backoff), an auth
-error stops the profile (the reply stays and is offered again after the reconnect), any
-other error moves the reply to queue/failed/ with a .reason file. A posted reply is
-removed from outgoing/ and its route dropped. Invariant: a file is in at most one lane
-at a time (`pending`).
+does that channel's posts and reactions in order, at most one post per second
+(POST_INTERVAL), so one channel's pace, rate limit or outage never holds up another.
+In a lane: 429 waits Retry-After, transient errors back off (Backoff), an auth error
+stops the profile (the reply stays and is offered again after the reconnect), any other
+error moves the reply to queue/failed/ with a .reason file. A long reply is posted as
+ordered parts (slack_text.split), each recorded in the route, so a restart goes on where
+it stopped. A posted reply is removed from outgoing/ and its route dropped.
+Invariant: a file is in at most one lane at a time (`pending`).
 """
 
 import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from agent.slack_feedback import Reactions, failure_notice
 from agent.slack_store import ProfileStore
 from agent.slack_text import split, to_slack
 
+POST_INTERVAL = 1.0  # Slack allows about one message per second per channel
+POSTS = frozenset({"chat.postMessage", "chat.postEphemeral"})
 POST_BACKOFF = 1.0
 POST_BACKOFF_MAX = 60.0
 IDLE_WAIT = 0.5
@@ -316,6 +321,7 @@ class Lane:
         self.outbound = outbound
         self.channel = channel
         self.jobs: deque[Job] = deque()
+        self.next_post = 0.0  # monotonic time before which this channel gets no post
         self.wakeup = threading.Condition()
         self.thread = threading.Thread(
             target=self._run, name=f"slack-{outbound.name}-{channel}", daemon=True
@@ -379,6 +385,7 @@ class Lane:
         while True:
             attempt += 1
             try:
+                self._pace(method)
                 self.outbound.api.call(method, **params)
                 return attempt
             except ApiFailure as failure:
@@ -392,6 +399,15 @@ class Lane:
                     raise
             if self.outbound.stop_event.wait(delay):
                 raise Stopping
+
+    def _pace(self, method: str) -> None:
+        """At most one post per POST_INTERVAL in this channel (other calls are not paced)."""
+        if method not in POSTS:
+            return
+        delay = self.next_post - time.monotonic()
+        if delay > 0 and self.outbound.stop_event.wait(delay):
+            raise Stopping
+        self.next_post = time.monotonic() + POST_INTERVAL
 
     def _ratelimited(self, method: str, delay: float) -> None:
         event(

@@ -38,6 +38,15 @@ class Call:
     body: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Scripted:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    channel: str | None = None  # only a call for this channel gets it
+    delay: float = 0.0  # seconds before answering (a slow Slack)
+
+
 class FakeSlack:
     def __init__(self, bot_token: str, app_token: str):
         self.bot_token = bot_token
@@ -45,9 +54,7 @@ class FakeSlack:
         self.lock = threading.Lock()
         self.calls: list[Call] = []
         self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.scripted: dict[str, deque[tuple[int, dict[str, Any], dict[str, str]]]] = defaultdict(
-            deque
-        )
+        self.scripted: dict[str, deque[Scripted]] = defaultdict(deque)
         self.acks: list[str] = []
         self.ack_payloads: dict[str, Any] = {}
         self.reactions: dict[tuple[str, str], list[str]] = defaultdict(list)  # (channel, ts)
@@ -94,10 +101,12 @@ class FakeSlack:
         body: dict[str, Any],
         status: int = 200,
         headers: dict[str, str] | None = None,
+        channel: str | None = None,
+        delay: float = 0.0,
     ) -> None:
-        """The next call of `method` gets this answer instead of the normal one."""
+        """The next call of `method` (for `channel`, if given) gets this answer instead."""
         with self.lock:
-            self.scripted[method].append((status, body, headers or {}))
+            self.scripted[method].append(Scripted(status, body, headers or {}, channel, delay))
 
     def add_history(self, channel: str, message: dict[str, Any]) -> None:
         with self.lock:
@@ -251,9 +260,19 @@ class FakeSlack:
         self, method: str, params: dict[str, Any], token: str | None
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         with self.lock:
-            scripted = self.scripted[method].popleft() if self.scripted[method] else None
+            scripted = next(
+                (
+                    s
+                    for s in self.scripted[method]
+                    if s.channel is None or s.channel == params.get("channel")
+                ),
+                None,
+            )
+            if scripted is not None:
+                self.scripted[method].remove(scripted)
         if scripted is not None:
-            status, body, headers = scripted
+            time.sleep(scripted.delay)  # a slow answer, on this request's own thread
+            status, body, headers = scripted.status, scripted.body, scripted.headers
         else:
             status, headers = 200, {}
             body = self._normal(method, params, token)

@@ -5,6 +5,7 @@ Real supervisors against the fake Slack on loopback, like tests/test_slack.py.
 """
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -272,3 +273,76 @@ def test_an_acknowledged_event_left_in_the_inbox_is_enqueued_at_the_next_start(s
     assert item["message"] == "from before"
     assert enqueued_events(slack_env, ts)[0]["source"] == "inbox"
     assert not list(inbox.iterdir())
+
+
+def post_times(slack: FakeSlack, channel: str) -> list[float]:
+    return [c.at for c in slack.calls_of("chat.postMessage") if c.params.get("channel") == channel]
+
+
+def test_posts_are_paced_per_channel_and_a_429_in_one_channel_does_not_delay_another(
+    slack_env, fake
+):
+    start(slack_env, fake, channels=[CHANNEL, "C200"])
+    first, second, other = "1700000114.000100", "1700000114.000200", "1700000114.000300"
+    fake.push_event(mention(first))
+    fake.push_event(mention(second))
+    fake.push_event(mention(other) | {"channel": "C200"})
+    items = {
+        ts: wait_for(lambda ts=ts, ch=ch: queued(slack_env, ts, ch), what=f"{ts} queued")[0]
+        for ts, ch in ((first, CHANNEL), (second, CHANNEL), (other, "C200"))
+    }
+    fake.script(
+        "chat.postMessage",
+        {"ok": False, "error": "ratelimited"},
+        429,
+        {"Retry-After": "4"},
+        channel=CHANNEL,
+    )
+    write_reply(slack_env, items[first], "one")
+    write_reply(slack_env, items[second], "two")
+    wait_for(lambda: post_times(fake, CHANNEL), what="the rate-limited attempt")
+    written = time.monotonic()
+    write_reply(slack_env, items[other], "elsewhere")
+    wait_for(lambda: replies_in(fake, "C200", other), 3, what="C200's reply, not held up")
+    assert post_times(fake, "C200")[0] - written < 1.5
+    wait_for(
+        lambda: len(replies_in(fake, CHANNEL, first) + replies_in(fake, CHANNEL, second)) == 2,
+        15,
+        what="C100's replies after Retry-After",
+    )
+    times = post_times(fake, CHANNEL)  # the 429, then "one" and "two"
+    assert times[1] - times[0] >= 3.9  # Retry-After honoured
+    assert times[2] - times[1] >= 0.9  # paced: about one post per second per channel
+    assert [c.params["text"] for c in fake.posted() if c.params["channel"] == CHANNEL] == [
+        "one",
+        "two",
+    ]
+
+
+def test_the_envelope_is_acknowledged_before_a_slow_web_api_call(slack_env, fake):
+    start(slack_env, fake)
+    fake.script("users.info", {"ok": True, "user": {"id": "U1", "name": "al"}}, delay=3)
+    ts = "1700000115.000100"
+    envelope = fake.push_event(mention(ts))
+    wait_for(lambda: fake.acked(envelope), 1.5, what="the ack while users.info is still slow")
+    assert not queued(slack_env, ts)  # enqueued only after the lookup
+    wait_for(lambda: queued(slack_env, ts), 10, what="the message enqueued after the lookup")
+
+
+def test_backfill_covers_only_configured_channels_and_honours_retry_after(slack_env, fake):
+    channels = slack_env.state_dir / "slack" / "main" / "channels"
+    channels.mkdir(parents=True)
+    for channel in (CHANNEL, "C999"):  # C999: heard before, no longer configured
+        (channels / f"{channel}.json").write_text(json.dumps({"cursor": "1700000116.000000"}))
+    missed = "1700000116.000100"
+    fake.add_history(CHANNEL, mention(missed, "while away") | {"type": "message"})
+    fake.add_history("C999", mention("1700000116.000200") | {"channel": "C999"})
+    fake.script(
+        "conversations.history", {"ok": False, "error": "ratelimited"}, 429, {"Retry-After": "1"}
+    )
+    start(slack_env, fake)
+    wait_for(lambda: queued(slack_env, missed), what="the missed message backfilled")
+    calls = fake.calls_of("conversations.history")
+    assert {c.params["channel"] for c in calls} == {CHANNEL}
+    assert [c.status for c in calls] == [429, 200]
+    assert calls[1].at - calls[0].at >= 0.9
