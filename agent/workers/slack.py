@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from agent.dirwatch import DirWatcher
 from agent.queue import Queue
 from agent.slack_api import RUNNING, WORKER, redact
 from agent.slack_link import ProfileLink
 from agent.slack_outbound import move_to_failed
 from agent.worker import Worker, WorkerContext
 
-SCAN_SECONDS = 0.25  # how often outgoing/ is looked at
+SCAN_SECONDS = 0.25  # outgoing/ and failed/ are looked at this often (and at once on inotify)
 
 
 class SlackWorker(Worker):
@@ -35,6 +36,7 @@ class SlackWorker(Worker):
         self.outgoing = config.queue_dir / "outgoing"
         self.failed = config.queue_dir / "failed"
         self._failures_seen: set[str] = set()  # reason files already looked at
+        self.watcher: DirWatcher | None = None
 
     def initialize(self, ctx: WorkerContext) -> None:
         Queue(self.config.queue_dir).ensure_dirs()
@@ -46,7 +48,16 @@ class SlackWorker(Worker):
             link.start()
 
     def run(self, ctx: WorkerContext) -> None:
-        while not ctx.wait(SCAN_SECONDS):
+        watcher = DirWatcher(self.outgoing)  # a new reply is handed over at once
+        try:
+            self._loop(ctx, watcher)
+        finally:
+            watcher.close()
+
+    def _loop(self, ctx: WorkerContext, watcher: DirWatcher) -> None:
+        self.watcher = watcher
+        while not ctx.stopping:
+            ctx.beat()
             for link in self.links.values():
                 if not link.alive() and not ctx.stopping:
                     crash = link.crash
@@ -56,6 +67,7 @@ class SlackWorker(Worker):
                     )
             self._scan_outgoing()
             self._scan_failed()
+            watcher.wait(SCAN_SECONDS)
 
     def _scan_outgoing(self) -> None:
         found = []
@@ -108,6 +120,8 @@ class SlackWorker(Worker):
                 )
 
     def wake(self) -> None:
+        if self.watcher is not None:
+            self.watcher.wake()
         for link in self.links.values():
             link.stop()
 
