@@ -18,6 +18,7 @@ from agent.log import event
 from agent.queue import Queue
 from agent.slack_api import WORKER, ApiFailure, SlackApi
 from agent.slack_cursors import Cursors
+from agent.slack_files import SharedFiles
 from agent.slack_outbound import Notice, Outbound, Reaction
 from agent.slack_policy import SenderPolicy
 from agent.slack_store import ProfileStore, safe_name
@@ -42,6 +43,7 @@ class SlackMessage:
     channel_type: str | None
     subtype: str | None
     from_bot: bool
+    files: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, channel: str, body: dict[str, Any], channel_type: str | None) -> "SlackMessage":
@@ -55,6 +57,7 @@ class SlackMessage:
             channel_type=channel_type or body.get("channel_type"),
             subtype=body.get("subtype"),
             from_bot=bool(body.get("bot_id")) or body.get("subtype") == "bot_message",
+            files=tuple(f for f in body.get("files") or () if isinstance(f, dict)),
         )
 
     @property
@@ -104,8 +107,10 @@ class Inbound:
         store: ProfileStore,
         queue: Queue,
         outbound: Outbound,
+        files: SharedFiles,
     ):
         self.name = name
+        self.files = files
         self.outbound = outbound
         self.policy = SenderPolicy(name, profile)
         self.profile = profile
@@ -158,7 +163,11 @@ class Inbound:
 
         def enqueue() -> None:
             self.store.write_route(
-                item["messageId"], channel, message.thread, message_ts=message.ts
+                item["messageId"],
+                channel,
+                message.thread,
+                message_ts=message.ts,
+                files=bool(item.get("files")),
             )
             self.queue.enqueue(item, name=f"{file_name}.json")  # staged in tmp/, renamed in
 
@@ -216,7 +225,20 @@ class Inbound:
         }
         if self.profile.agent:
             item["agent"] = self.profile.agent
+        if message.files:
+            self._attach(item, message)
         return item
+
+    def _attach(self, item: dict[str, Any], message: SlackMessage) -> None:
+        """Download the shared files; their paths in `files`, a preamble before the text."""
+        if self.profile.max_file_bytes <= 0:
+            return
+        downloads = self.files.download(item["messageId"], list(message.files))
+        if downloads.paths:
+            item["files"] = downloads.paths
+        preamble = downloads.preamble()
+        if preamble:
+            item["message"] = f"{preamble}\n\n{item['message']}".rstrip()
 
     # ---- Socket Mode
 

@@ -31,6 +31,7 @@ from agent.slack_api import (
 from agent.slack_backfill import Backfill
 from agent.slack_connection import close, is_dead, open_socket
 from agent.slack_feedback import Reactions
+from agent.slack_files import SharedFiles
 from agent.slack_inbound import Inbound
 from agent.slack_outbound import Outbound
 from agent.slack_store import ProfileStore
@@ -51,6 +52,7 @@ class ProfileLink:
         self.api = SlackApi(name, config.slack.api_base_url)
         self.stop_event = threading.Event()
         self.kick = threading.Event()  # wakes the serve loop (a problem, stop)
+        self.files = SharedFiles(self.store.root / "files", self.api, profile.max_file_bytes)
         self.outbound = Outbound(
             name,
             self.api,
@@ -60,9 +62,12 @@ class ProfileLink:
             ready=lambda: self.state == RUNNING and self._problem is None,
             on_problem=self._problem_elsewhere,
             reactions=Reactions.of(profile),
+            files=self.files,
         )
         queue = Queue(config.queue_dir)
-        self.inbound = Inbound(name, profile, self.api, self.store, queue, self.outbound)
+        self.inbound = Inbound(
+            name, profile, self.api, self.store, queue, self.outbound, self.files
+        )
         self.backfill = Backfill(
             name, self.api, self.inbound, self._backfill_channels, self.stop_event.wait
         )

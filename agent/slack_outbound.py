@@ -29,6 +29,7 @@ from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
 from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
 from agent.slack_feedback import Reactions, failure_notice
+from agent.slack_files import SharedFiles
 from agent.slack_store import ProfileStore
 from agent.slack_text import split, to_slack
 
@@ -119,8 +120,10 @@ class Outbound:
         ready: Callable[[], bool],
         on_problem: Callable[[ApiFailure], None],
         reactions: Reactions,
+        files: SharedFiles,
     ):
         self.name = name
+        self.files = files
         self.reactions = reactions
         self.api = api
         self.store = store
@@ -209,6 +212,7 @@ class Outbound:
         self._post_notice(lane, Notice(route.channel, route.thread_ts, text, "failure"))
         self._swap(route, self.reactions.failed)
         self.store.update_route(route.message_id, failure_noticed=True)
+        self.files.remove(route.message_id)
 
     def _swap(self, route: Route, emoji: str) -> None:
         """Replace the ack reaction on the message with `emoji` (after the current job)."""
@@ -286,6 +290,7 @@ class Outbound:
                 self.store.update_route(route.message_id, parts_posted=number + 1)
         _remove(delivery.path)
         self.store.drop_route(route.message_id)
+        self.files.remove(route.message_id)  # the message is done: its files go
         self._swap(route, self.reactions.done)
         self.posted += 1
         event(

@@ -57,6 +57,8 @@ class FakeSlack:
         self.scripted: dict[str, deque[Scripted]] = defaultdict(deque)
         self.acks: list[str] = []
         self.ack_payloads: dict[str, Any] = {}
+        self.files: dict[str, bytes] = {}  # served at /files/<name> with the bot token
+        self.downloads: list[tuple[str, str]] = []  # (name, token used)
         self.reactions: dict[tuple[str, str], list[str]] = defaultdict(list)  # (channel, ts)
         self.connections: list[ServerConnection] = []
         self.ws_opened = 0
@@ -122,6 +124,13 @@ class FakeSlack:
     def live(self) -> int:
         with self.lock:
             return len(self.connections)
+
+    def share_file(self, name: str, data: bytes) -> dict[str, Any]:
+        """Serve a file; returns its entry for a message event's `files`."""
+        with self.lock:
+            self.files[name] = data
+        url = f"{self.api_url.removesuffix('/api/')}/files/{name}"
+        return {"id": f"F{name}", "name": name, "size": len(data), "url_private_download": url}
 
     def reactions_on(self, channel: str, ts: str) -> list[str]:
         with self.lock:
@@ -230,6 +239,9 @@ class FakeSlack:
 
             def _handle(self) -> None:
                 url = urlparse(self.path)
+                if url.path.startswith("/files/"):
+                    self._file(url.path.removeprefix("/files/"))
+                    return
                 method = url.path.rsplit("/", 1)[-1]
                 params: dict[str, Any] = dict(parse_qsl(url.query))
                 length = int(self.headers.get("Content-Length") or 0)
@@ -248,6 +260,22 @@ class FakeSlack:
                 self.send_header("Content-Length", str(len(data)))
                 for key, value in headers.items():
                     self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _file(self, name: str) -> None:
+                """A shared file's content, for the bot token only (url_private_download)."""
+                auth = self.headers.get("Authorization") or ""
+                with fake.lock:
+                    data = fake.files.get(name)
+                    fake.downloads.append((name, auth.removeprefix("Bearer ")))
+                if data is None or auth != f"Bearer {fake.bot_token}":
+                    self.send_response(404 if data is None else 403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 

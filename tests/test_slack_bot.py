@@ -346,3 +346,23 @@ def test_backfill_covers_only_configured_channels_and_honours_retry_after(slack_
     assert {c.params["channel"] for c in calls} == {CHANNEL}
     assert [c.status for c in calls] == [429, 200]
     assert calls[1].at - calls[0].at >= 0.9
+
+
+def test_a_shared_file_reaches_the_agent_and_is_cleaned_up(slack_env, fake):
+    # The agent echoes its prompt, then the contents of every file listed in $AGENT_FILES.
+    agent = ["sh", "-c", 'cat; echo; printf "%s\\n" "$AGENT_FILES" | xargs cat']
+    start(slack_env, fake, agent, max_file_bytes=1024)
+    ts = "1700000117.000100"
+    notes = fake.share_file("notes.txt", b"the quarterly numbers\n")
+    huge = fake.share_file("huge.bin", b"x" * 2048)
+    fake.push_event(mention(ts, "summarize") | {"files": [notes, huge], "subtype": "file_share"})
+    reply = wait_for(lambda: replies_in(fake, CHANNEL, ts), 30, what="the reply")[0]
+    prompt, _, contents = reply.partition("summarize")
+    assert prompt.startswith("[Files shared with this message (also in $AGENT_FILES):\n/")
+    assert "notes.txt]" in prompt
+    assert "[File not passed on: huge.bin: larger than max_file_bytes (1024)]" in prompt
+    assert contents.strip() == "the quarterly numbers"
+    assert [name for name, _ in fake.downloads] == ["notes.txt"]  # the big one never fetched
+    assert fake.downloads[0][1] == fake.bot_token
+    files = slack_env.state_dir / "slack" / "main" / "files"
+    wait_for(lambda: not any(files.iterdir()), what="the message's files deleted")

@@ -124,3 +124,19 @@ def test_an_api_error_page_that_echoes_a_token_is_redacted():
     exc = SimpleNamespace(response={"error": page})
     error = api_error_code(exc, ("xoxb-1234-5678-abcdefSECRET",))
     assert "SECRET" not in error and "[redacted]" in error
+
+
+def test_shared_files_send_the_bot_token_only_to_slack_hosts(tmp_path):
+    from agent.slack_api import SlackApi
+    from agent.slack_files import SharedFiles
+
+    api = SlackApi("main", "http://127.0.0.1:9/api/")
+    files = SharedFiles(tmp_path, api, 1024)
+    assert files._trusted("https://files.slack.com/files-pri/T1-F1/download/a.txt")
+    assert files._trusted("http://127.0.0.1:9/files/a.txt")  # the configured API host
+    assert not files._trusted("https://slack.com.evil.example/a.txt")
+    assert not files._trusted("https://evil.example/a.txt")
+    got = files.download(
+        "m1", [{"name": "a.txt", "url_private_download": "https://evil.example/a"}]
+    )
+    assert got.paths == [] and got.skipped == ["a.txt: no download URL on a Slack host"]
