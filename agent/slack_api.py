@@ -217,6 +217,14 @@ class SlackApi:
             raise classify(exc, tuple(self.secrets), method) from None
         return dict(response.data) if isinstance(response.data, dict) else {}
 
+    def upload(self, channel: str, thread_ts: str, paths: list[Path]) -> None:
+        """Files into a thread: getUploadURLExternal, upload, completeUploadExternal."""
+        uploads = [{"file": str(p), "filename": p.name, "title": p.name} for p in paths]
+        try:
+            self.web.files_upload_v2(file_uploads=uploads, channel=channel, thread_ts=thread_ts)
+        except Exception as exc:
+            raise classify(exc, tuple(self.secrets), "files.upload") from None
+
     def connections_open(self, app_token: str) -> str:
         """A Socket Mode WebSocket URL (apps.connections.open, with the app token)."""
         try:

@@ -12,8 +12,10 @@ each time. Every state change is an event; a repeated failure is logged once.
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from agent.agentenv import agent_workdir
 from agent.backoff import Backoff
 from agent.config import Config, SlackProfileConfig
 from agent.log import event
@@ -63,6 +65,7 @@ class ProfileLink:
             on_problem=self._problem_elsewhere,
             reactions=Reactions.of(profile),
             files=self.files,
+            workdir_of=lambda agent: _workdir(config, agent or profile.agent),
         )
         queue = Queue(config.queue_dir)
         self.inbound = Inbound(
@@ -229,3 +232,12 @@ class ProfileLink:
         """An auth failure in a lane: the serve loop ends the connection and reconnects."""
         self._problem = failure.problem()
         self.kick.set()
+
+
+def _workdir(config: Config, agent: str | None) -> Path | None:
+    """Where an agent's ATTACH paths may point: its workdir, None for an unknown agent."""
+    if agent in config.agents:
+        return agent_workdir(config, agent)
+    if not agent and len(config.agents) == 1:
+        return agent_workdir(config, next(iter(config.agents)))
+    return None

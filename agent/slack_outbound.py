@@ -28,13 +28,14 @@ from agent.clock import iso_utc
 from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
 from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
+from agent.slack_attach import Attachments, extract
 from agent.slack_feedback import Reactions, failure_notice
 from agent.slack_files import SharedFiles
 from agent.slack_store import ProfileStore
 from agent.slack_text import split, to_slack
 
 POST_INTERVAL = 1.0  # Slack allows about one message per second per channel
-POSTS = frozenset({"chat.postMessage", "chat.postEphemeral"})
+POSTS = frozenset({"chat.postMessage", "chat.postEphemeral", "files.upload"})
 POST_BACKOFF = 1.0
 POST_BACKOFF_MAX = 60.0
 IDLE_WAIT = 0.5
@@ -50,6 +51,7 @@ class Route:
     parts_posted: int = 0  # of a long reply, posted before a restart: not posted again
     message_ts: str | None = None  # the message itself (its reactions); None in old routes
     failure_noticed: bool = False
+    attached: bool = False  # the reply's files were uploaded
 
     @classmethod
     def of(cls, message_id: str, found: dict[str, Any]) -> "Route":
@@ -60,6 +62,7 @@ class Route:
             int(found.get("parts_posted") or 0),
             found.get("message_ts"),
             bool(found.get("failure_noticed")),
+            bool(found.get("attached")),
         )
 
 
@@ -121,9 +124,12 @@ class Outbound:
         on_problem: Callable[[ApiFailure], None],
         reactions: Reactions,
         files: SharedFiles,
+        workdir_of: Callable[[str], Path | None],
     ):
         self.name = name
         self.files = files
+        self.max_file_bytes = files.max_bytes
+        self.workdir_of = workdir_of  # an agent's workdir: where ATTACH paths may point
         self.reactions = reactions
         self.api = api
         self.store = store
@@ -266,28 +272,24 @@ class Outbound:
         )
 
     def deliver(self, lane: "Lane", delivery: Delivery) -> None:
-        """Post a reply as one or more ordered parts; each posted part is recorded."""
+        """Post a reply as ordered parts (each recorded), then upload what it attaches."""
         route = delivery.route
-        parts = split(to_slack(str(delivery.reply.get("message") or "")))
-        attempts = 0
-        for number in range(route.parts_posted, len(parts)):
-            try:
-                attempts += lane.call(
-                    "chat.postMessage",
-                    channel=route.channel,
-                    text=parts[number],
-                    thread_ts=route.thread_ts,
-                    link_names=False,
-                    unfurl_links=False,
-                )
-            except ApiFailure as failure:
-                if failure.kind == AUTH:
-                    self.on_problem(failure)
-                    return
+        agent = str(delivery.reply.get("agent") or "")
+        attach = extract(
+            str(delivery.reply.get("message") or ""), self.workdir_of(agent), self.max_file_bytes
+        )
+        text = "\n\n".join(t for t in (attach.text, attach.note()) if t)
+        parts = [] if attach.paths and not text else split(to_slack(text))
+        try:
+            attempts = self._post_parts(lane, route, parts)
+        except ApiFailure as failure:
+            if failure.kind == AUTH:
+                self.on_problem(failure)
+            else:
                 self._failed(delivery, failure.error)
-                return
-            if len(parts) > 1:
-                self.store.update_route(route.message_id, parts_posted=number + 1)
+            return
+        if attach.paths and not route.attached and not self._upload(lane, route, attach):
+            return  # auth failure: the reply stays, the rest comes after the reconnect
         _remove(delivery.path)
         self.store.drop_route(route.message_id)
         self.files.remove(route.message_id)  # the message is done: its files go
@@ -302,7 +304,40 @@ class Outbound:
             slack_channel=route.channel,
             attempts=attempts,
             parts=len(parts),
+            attached=len(attach.paths),
         )
+
+    def _post_parts(self, lane: "Lane", route: Route, parts: list[str]) -> int:
+        attempts = 0
+        for number in range(route.parts_posted, len(parts)):
+            attempts += lane.call(
+                "chat.postMessage",
+                channel=route.channel,
+                text=parts[number],
+                thread_ts=route.thread_ts,
+                link_names=False,
+                unfurl_links=False,
+            )
+            if len(parts) > 1:
+                self.store.update_route(route.message_id, parts_posted=number + 1)
+        return attempts
+
+    def _upload(self, lane: "Lane", route: Route, attach: Attachments) -> bool:
+        """Upload into the thread; False on an auth failure (the profile reconnects)."""
+        paths = list(attach.paths)
+        try:
+            lane.retrying(
+                "files.upload", lambda: self.api.upload(route.channel, route.thread_ts, paths)
+            )
+        except ApiFailure as failure:
+            if failure.kind == AUTH:
+                self.on_problem(failure)
+                return False
+            self._cosmetic_failed("files.upload", route.channel, failure)
+            note = f"_(the attached files could not be uploaded: {failure.error})_"
+            self.notice(Notice(route.channel, route.thread_ts, note, "attach_failed"))
+        self.store.update_route(route.message_id, attached=True)
+        return True
 
     def _failed(self, delivery: Delivery, error: str) -> None:
         message_id = delivery.route.message_id
@@ -380,7 +415,11 @@ class Lane:
             raise Stopping from None
 
     def call(self, method: str, **params: Any) -> int:
-        """One Web API call, retried through rate limits and transient errors.
+        """One Web API call, retried through rate limits and transient errors."""
+        return self.retrying(method, lambda: self.outbound.api.call(method, **params))
+
+    def retrying(self, method: str, attempt_once: Callable[[], Any]) -> int:
+        """Run one call, retried through rate limits and transient errors.
 
         Returns the number of attempts; raises ApiFailure for auth and permanent errors,
         Stopping when the profile stops meanwhile.
@@ -391,7 +430,7 @@ class Lane:
             attempt += 1
             try:
                 self._pace(method)
-                self.outbound.api.call(method, **params)
+                attempt_once()
                 return attempt
             except ApiFailure as failure:
                 if failure.kind == RATELIMITED:

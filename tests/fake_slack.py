@@ -2,9 +2,11 @@
 
 HTTP on 127.0.0.1 answers auth.test, apps.connections.open (a ws:// URL of our own
 WebSocket server), conversations.history and .replies, users.info, chat.postMessage,
-chat.postEphemeral, reactions.add and reactions.remove, checking the bearer token of each
-call. The WebSocket server (the `websockets` library) says hello,
-pushes Socket Mode envelopes on request and records the acknowledgements it receives.
+chat.postEphemeral, reactions.add and reactions.remove, files.getUploadURLExternal and
+files.completeUploadExternal (the upload URL is ours too), checking the bearer token of
+each call; shared files are served at /files/<name> to the bot token. The WebSocket
+server (the `websockets` library) says hello, pushes Socket Mode envelopes on request and
+records the acknowledgements it receives.
 Tests can script the next answers of a method (429 with Retry-After, an error code) and
 drop the live WebSocket connections.
 """
@@ -59,6 +61,8 @@ class FakeSlack:
         self.ack_payloads: dict[str, Any] = {}
         self.files: dict[str, bytes] = {}  # served at /files/<name> with the bot token
         self.downloads: list[tuple[str, str]] = []  # (name, token used)
+        self.uploads: dict[str, bytes] = {}  # file id -> bytes uploaded
+        self.upload_names: dict[str, str] = {}  # file id -> filename
         self.reactions: dict[tuple[str, str], list[str]] = defaultdict(list)  # (channel, ts)
         self.connections: list[ServerConnection] = []
         self.ws_opened = 0
@@ -242,6 +246,9 @@ class FakeSlack:
                 if url.path.startswith("/files/"):
                     self._file(url.path.removeprefix("/files/"))
                     return
+                if url.path.startswith("/upload/"):
+                    self._upload(url.path.removeprefix("/upload/"))
+                    return
                 method = url.path.rsplit("/", 1)[-1]
                 params: dict[str, Any] = dict(parse_qsl(url.query))
                 length = int(self.headers.get("Content-Length") or 0)
@@ -278,6 +285,17 @@ class FakeSlack:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _upload(self, file_id: str) -> None:
+                """The upload URL files.getUploadURLExternal handed out (no token needed)."""
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with fake.lock:
+                    fake.uploads[file_id] = data
+                body = f"OK - {len(data)}".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -356,6 +374,16 @@ class FakeSlack:
             if params.get("thread_ts"):
                 message["thread_ts"] = params["thread_ts"]
             return {"ok": True, "channel": params.get("channel"), "ts": ts, "message": message}
+        if method == "files.getUploadURLExternal":
+            file_id = f"F{next(self._posted_ts)}"
+            with self.lock:
+                self.upload_names[file_id] = params.get("filename", "")
+            upload_url = f"{self.api_url.removesuffix('/api/')}/upload/{file_id}"
+            return {"ok": True, "upload_url": upload_url, "file_id": file_id}
+        if method == "files.completeUploadExternal":
+            files = params.get("files")
+            files = json.loads(files) if isinstance(files, str) else files or []
+            return {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": f"{1800000000 + next(self._posted_ts)}.000000"}
         if method in ("reactions.add", "reactions.remove"):

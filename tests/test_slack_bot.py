@@ -366,3 +366,38 @@ def test_a_shared_file_reaches_the_agent_and_is_cleaned_up(slack_env, fake):
     assert fake.downloads[0][1] == fake.bot_token
     files = slack_env.state_dir / "slack" / "main" / "files"
     wait_for(lambda: not any(files.iterdir()), what="the message's files deleted")
+
+
+def test_a_reply_attaches_files_from_the_agent_workdir_only(slack_env, fake):
+    workdir = slack_env.root / "work"
+    workdir.mkdir()
+    (workdir / "chart.txt").write_text("42\n")
+    (slack_env.root / "secret.txt").write_text("do not send\n")
+    agent = [
+        "sh",
+        "-c",
+        "cat >/dev/null; printf 'Here.\\nATTACH: chart.txt\\nATTACH: ../secret.txt\\n'",
+    ]
+    creds = write_tokens(slack_env)
+    slack_env.write_config(
+        slack={"enabled": True, "api_base_url": fake.api_url},
+        dispatcher={"max_attempts": 1},
+        **{"agents.default": {"command": agent, "workdir": str(workdir)}},
+        **{"slack.profiles.main": profile(creds)},
+    )
+    slack_env.start()
+    wait_running(slack_env)
+    ts = "1700000118.000100"
+    fake.push_event(mention(ts))
+    completed = wait_for(
+        lambda: fake.calls_of("files.completeUploadExternal"), 30, what="the upload completed"
+    )
+    assert completed[0].params["channel_id"] == CHANNEL
+    assert completed[0].params["thread_ts"] == ts
+    assert list(fake.uploads.values()) == [b"42\n"]
+    assert list(fake.upload_names.values()) == ["chart.txt"]
+    text = replies_in(fake, CHANNEL, ts)[0]
+    assert text.startswith("Here.") and "ATTACH" not in text
+    assert "_(not attached: ../secret.txt: outside the agent's workdir)_" in text
+    wait_for(lambda: events(slack_env, "slack.reply.posted"), what="the reply done")
+    assert events(slack_env, "slack.reply.posted")[0]["attached"] == 1

@@ -51,3 +51,28 @@ def test_long_text_is_split_at_paragraphs_and_fences_in_order():
     assert all(f"line {i}\n" in joined for i in range(799))
     assert split("short") == ["short"]
     assert [len(p) for p in split("y" * 8000)] == [PART_LIMIT, PART_LIMIT, 1000]
+
+
+def test_attach_lines_name_files_inside_the_workdir_only(tmp_path):
+    from agent.slack_attach import extract
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.txt").write_text("a")
+    (work / "big.bin").write_bytes(b"x" * 100)
+    (tmp_path / "outside.txt").write_text("no")
+    (work / "link.txt").symlink_to(tmp_path / "outside.txt")
+    text = (
+        "Done.\nATTACH: a.txt\nATTACH: link.txt\nATTACH: /etc/passwd\n"
+        "ATTACH: big.bin\nATTACH: missing.txt\nnot ATTACH: here"
+    )
+    got = extract(text, work, 50)
+    assert got.text == "Done.\nnot ATTACH: here"
+    assert got.paths == (work / "a.txt",)
+    assert got.problems == (
+        "link.txt: outside the agent's workdir",
+        "/etc/passwd: outside the agent's workdir",
+        "big.bin: larger than max_file_bytes (50)",
+        "missing.txt: not a file",
+    )
+    assert extract("no files", work, 50).paths == ()
