@@ -19,7 +19,8 @@ from agent.queue import Queue
 from agent.slack_api import WORKER, ApiFailure, SlackApi
 from agent.slack_cursors import Cursors
 from agent.slack_files import SharedFiles
-from agent.slack_outbound import Notice, Outbound, Reaction
+from agent.slack_jobs import Notice, Reaction
+from agent.slack_outbound import Outbound
 from agent.slack_policy import SenderPolicy
 from agent.slack_store import ProfileStore, safe_name
 from agent.slack_text import from_slack

@@ -1,10 +1,8 @@
 """Outbound: replies in queue/outgoing/ -> chat.postMessage in the original thread.
 
 The worker hands each reply file to Outbound.offer(). Its route (the Slack channel and
-thread, written by Inbound) picks the channel's Lane: one thread per Slack channel that
-does that channel's posts and reactions in order, at most one post per second
-(POST_INTERVAL), so one channel's pace, rate limit or outage never holds up another.
-In a lane: 429 waits Retry-After, transient errors back off (Backoff), an auth error
+thread, written by Inbound) picks the channel's Lane (slack_lane: one thread per Slack
+channel, its posts paced, its retries its own). Here is what each job does: an auth error
 stops the profile (the reply stays and is offered again after the reconnect), any other
 error moves the reply to queue/failed/ with a .reason file. A long reply is posted as
 ordered parts (slack_text.split), each recorded in the route, so a restart goes on where
@@ -16,100 +14,21 @@ import json
 import logging
 import os
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.backoff import Backoff
 from agent.clock import iso_utc
 from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
-from agent.slack_api import AUTH, RATELIMITED, TRANSIENT, WORKER, ApiFailure, SlackApi
+from agent.slack_api import AUTH, WORKER, ApiFailure, SlackApi
 from agent.slack_attach import Attachments, extract
 from agent.slack_feedback import Reactions, failure_notice
 from agent.slack_files import SharedFiles
+from agent.slack_jobs import Delivery, Failure, Job, Notice, Reaction, Route
+from agent.slack_lane import Lane
 from agent.slack_store import ProfileStore
 from agent.slack_text import split, to_slack
-
-POST_INTERVAL = 1.0  # Slack allows about one message per second per channel
-POSTS = frozenset({"chat.postMessage", "chat.postEphemeral", "files.upload"})
-POST_BACKOFF = 1.0
-POST_BACKOFF_MAX = 60.0
-IDLE_WAIT = 0.5
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where the reply to one message goes."""
-
-    message_id: str
-    channel: str
-    thread_ts: str
-    parts_posted: int = 0  # of a long reply, posted before a restart: not posted again
-    message_ts: str | None = None  # the message itself (its reactions); None in old routes
-    failure_noticed: bool = False
-    attached: bool = False  # the reply's files were uploaded
-
-    @classmethod
-    def of(cls, message_id: str, found: dict[str, Any]) -> "Route":
-        return cls(
-            message_id,
-            found["channel"],
-            found["thread_ts"],
-            int(found.get("parts_posted") or 0),
-            found.get("message_ts"),
-            bool(found.get("failure_noticed")),
-            bool(found.get("attached")),
-        )
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One reply file and its route, waiting in a lane."""
-
-    path: Path
-    reply: dict[str, Any]
-    route: Route
-
-
-@dataclass(frozen=True)
-class Notice:
-    """A short text of the worker's own (a denial, a failure notice) for a thread."""
-
-    channel: str
-    thread_ts: str | None
-    text: str
-    why: str  # for the event: deny_notice, failure...
-    ephemeral_to: str | None = None  # a user: chat.postEphemeral, only they see it
-
-
-@dataclass(frozen=True)
-class Reaction:
-    """Swap the bot's reaction on a message: remove one emoji (if any), add another."""
-
-    channel: str
-    ts: str
-    add: str
-    remove: str = ""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A message of this profile finally failed (queue/failed/): tell its thread once."""
-
-    route: Route
-    reason: str
-    attempts: int
-
-
-Job = Delivery | Notice | Reaction | Failure
-
-
-class Stopping(Exception):
-    """The profile is stopping: leave the job where it is."""
 
 
 class Outbound:
@@ -351,131 +270,6 @@ class Outbound:
             profile=self.name,
             message_id=message_id,
             error=error,
-        )
-
-
-class Lane:
-    """One Slack channel's posts, in order, in their own thread."""
-
-    def __init__(self, outbound: Outbound, channel: str):
-        self.outbound = outbound
-        self.channel = channel
-        self.jobs: deque[Job] = deque()
-        self.next_post = 0.0  # monotonic time before which this channel gets no post
-        self.wakeup = threading.Condition()
-        self.thread = threading.Thread(
-            target=self._run, name=f"slack-{outbound.name}-{channel}", daemon=True
-        )
-        self.thread.start()
-
-    def put(self, job: Job) -> None:
-        with self.wakeup:
-            self.jobs.append(job)
-            self.wakeup.notify()
-
-    def _next(self) -> Job | None:
-        with self.wakeup:
-            if not self.jobs:
-                self.wakeup.wait(IDLE_WAIT)
-            return self.jobs.popleft() if self.jobs else None
-
-    def _run(self) -> None:
-        stop = self.outbound.stop_event
-        while not stop.is_set():
-            job = self._next()
-            if job is None:
-                continue
-            try:
-                self._wait_ready()
-                self.outbound.perform(self, job)
-            except Stopping:
-                return
-            except Exception as exc:  # a bug must not kill the lane: the reply stays
-                self._crashed(exc)
-            finally:
-                if isinstance(job, Delivery):  # the next scan may hand it over again
-                    self.outbound.finish(job.path)
-
-    def _wait_ready(self) -> None:
-        while not self.outbound.ready():
-            if self.outbound.stop_event.wait(0.1):
-                raise Stopping
-
-    def _crashed(self, exc: Exception) -> None:
-        event(
-            "slack.reply.error",
-            f"slack profile {self.outbound.name}: posting in {self.channel} failed: "
-            f"{type(exc).__name__}: {self.outbound.api.redact(str(exc))}",
-            worker=WORKER,
-            level=logging.ERROR,
-            profile=self.outbound.name,
-            slack_channel=self.channel,
-        )
-        if self.outbound.stop_event.wait(POST_BACKOFF):
-            raise Stopping from None
-
-    def call(self, method: str, **params: Any) -> int:
-        """One Web API call, retried through rate limits and transient errors."""
-        return self.retrying(method, lambda: self.outbound.api.call(method, **params))
-
-    def retrying(self, method: str, attempt_once: Callable[[], Any]) -> int:
-        """Run one call, retried through rate limits and transient errors.
-
-        Returns the number of attempts; raises ApiFailure for auth and permanent errors,
-        Stopping when the profile stops meanwhile.
-        """
-        backoff = Backoff(POST_BACKOFF, POST_BACKOFF_MAX)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                self._pace(method)
-                attempt_once()
-                return attempt
-            except ApiFailure as failure:
-                if failure.kind == RATELIMITED:
-                    delay = failure.retry_after
-                    self._ratelimited(method, delay)
-                elif failure.kind == TRANSIENT:
-                    delay = backoff.next()
-                    self._retrying(method, failure, attempt, delay)
-                else:
-                    raise
-            if self.outbound.stop_event.wait(delay):
-                raise Stopping
-
-    def _pace(self, method: str) -> None:
-        """At most one post per POST_INTERVAL in this channel (other calls are not paced)."""
-        if method not in POSTS:
-            return
-        delay = self.next_post - time.monotonic()
-        if delay > 0 and self.outbound.stop_event.wait(delay):
-            raise Stopping
-        self.next_post = time.monotonic() + POST_INTERVAL
-
-    def _ratelimited(self, method: str, delay: float) -> None:
-        event(
-            "slack.ratelimited",
-            f"slack profile {self.outbound.name}: {method} in {self.channel} rate limited, "
-            f"retrying in {delay:g}s",
-            worker=WORKER,
-            level=logging.WARNING,
-            profile=self.outbound.name,
-            slack_channel=self.channel,
-            retry_after_s=delay,
-        )
-
-    def _retrying(self, method: str, failure: ApiFailure, attempt: int, delay: float) -> None:
-        event(
-            "slack.reply.retry",
-            f"slack profile {self.outbound.name}: {method} in {self.channel} failed "
-            f"({failure.error}); retry in {delay:g}s",
-            worker=WORKER,
-            level=logging.WARNING,
-            profile=self.outbound.name,
-            slack_channel=self.channel,
-            error=failure.error,
-            attempt=attempt,
         )
 
 
