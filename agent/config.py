@@ -143,6 +143,9 @@ class SlackProfileConfig(Section):
             "white_check_mark", "str", "an emoji name without colons (empty: none)"
         ),
         "failed_reaction": Setting("x", "str", "an emoji name without colons (empty: none)"),
+        "progress_after": Setting(
+            30.0, "float", "a number of seconds >= 0 (0: never)", lambda v: v >= 0
+        ),
         "max_file_bytes": Setting(
             20 * 1024 * 1024, "int", "a whole number of bytes >= 0 (0: no files)", lambda v: v >= 0
         ),

@@ -1,8 +1,10 @@
 """What a Slack thread sees of its message's fate, besides the reply (docs/slack.md).
 
-On receipt the bot adds `ack_reaction`; when the reply is posted it swaps it for
-`done_reaction`; when the message finally fails (the queue moved it to failed/) it swaps it
-for `failed_reaction` and posts one short notice in the thread. The notice names a reason
+On receipt the bot adds `ack_reaction`; a run that outlasts `progress_after` gets one
+"working on it" post that the reply (or the notice) replaces; when the reply is posted
+it swaps the reaction for `done_reaction`; when the message finally fails (the queue
+moved it to failed/) it swaps it for `failed_reaction` and posts one short notice in the
+thread. The notice names a reason
 class and a hint, never the raw reason: that may hold a stack trace, a path or a secret,
 and stays in `agentctl logs --event message.failed` for the operator.
 """

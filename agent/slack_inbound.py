@@ -19,7 +19,7 @@ from agent.queue import Queue
 from agent.slack_api import WORKER, ApiFailure, SlackApi
 from agent.slack_cursors import Cursors
 from agent.slack_files import SharedFiles
-from agent.slack_jobs import Notice, Reaction
+from agent.slack_jobs import Notice, Reaction, Route
 from agent.slack_outbound import Outbound
 from agent.slack_policy import SenderPolicy
 from agent.slack_store import ProfileStore, safe_name
@@ -175,6 +175,9 @@ class Inbound:
         follower = message.user if message.direct or self._mentions(message) else None
         if not self.cursors.settle(channel, message.ts, message.thread, enqueue, follower):
             return False  # enqueued by another path meanwhile
+        self.outbound.expect(
+            Route(item["messageId"], channel, message.thread, message_ts=message.ts)
+        )
         self.enqueued += 1
         event(
             "slack.message.enqueued",

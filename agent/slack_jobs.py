@@ -23,6 +23,7 @@ class Route:
     message_ts: str | None = None  # the message itself (its reactions); None in old routes
     failure_noticed: bool = False
     attached: bool = False  # the reply's files were uploaded
+    progress_ts: str | None = None  # the "working on it" post the reply replaces
 
     @classmethod
     def of(cls, message_id: str, found: dict[str, Any]) -> "Route":
@@ -34,6 +35,7 @@ class Route:
             found.get("message_ts"),
             bool(found.get("failure_noticed")),
             bool(found.get("attached")),
+            found.get("progress_ts"),
         )
 
 
@@ -76,4 +78,11 @@ class Failure:
     attempts: int
 
 
-Job = Delivery | Notice | Reaction | Failure
+@dataclass(frozen=True)
+class Progress:
+    """A run outlasted progress_after: post "working on it" (the reply replaces it)."""
+
+    route: Route
+
+
+Job = Delivery | Notice | Reaction | Failure | Progress

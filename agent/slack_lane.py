@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.backoff import Backoff
@@ -26,6 +27,14 @@ POSTS = frozenset({"chat.postMessage", "chat.postEphemeral", "chat.update", "fil
 POST_BACKOFF = 1.0
 POST_BACKOFF_MAX = 60.0
 IDLE_WAIT = 0.5
+
+
+@dataclass(frozen=True)
+class Attempted:
+    """A call that succeeded: its answer, and how many attempts it took."""
+
+    answer: Any
+    attempts: int
 
 
 class Stopping(Exception):
@@ -92,15 +101,15 @@ class Lane:
         if self.outbound.stop_event.wait(POST_BACKOFF):
             raise Stopping from None
 
-    def call(self, method: str, **params: Any) -> int:
+    def call(self, method: str, **params: Any) -> "Attempted":
         """One Web API call, retried through rate limits and transient errors."""
         return self.retrying(method, lambda: self.outbound.api.call(method, **params))
 
-    def retrying(self, method: str, attempt_once: Callable[[], Any]) -> int:
+    def retrying(self, method: str, attempt_once: Callable[[], Any]) -> "Attempted":
         """Run one call, retried through rate limits and transient errors.
 
-        Returns the number of attempts; raises ApiFailure for auth and permanent errors,
-        Stopping when the profile stops meanwhile.
+        Returns its answer and the number of attempts; raises ApiFailure for auth and
+        permanent errors, Stopping when the profile stops meanwhile.
         """
         backoff = Backoff(POST_BACKOFF, POST_BACKOFF_MAX)
         attempt = 0
@@ -108,8 +117,7 @@ class Lane:
             attempt += 1
             try:
                 self._pace(method)
-                attempt_once()
-                return attempt
+                return Attempted(attempt_once(), attempt)
             except ApiFailure as failure:
                 if failure.kind == RATELIMITED:
                     delay = failure.retry_after

@@ -66,6 +66,7 @@ class ProfileLink:
             reactions=Reactions.of(profile),
             files=self.files,
             workdir_of=lambda agent: _workdir(config, agent or profile.agent),
+            progress_after=profile.progress_after,
         )
         queue = Queue(config.queue_dir)
         self.inbound = Inbound(
@@ -225,6 +226,7 @@ class ProfileLink:
                 plan = self.backfill.retry_plan()
                 if plan is not None:
                     self.backfill.run(plan)
+            self.outbound.tick()
             self.kick.wait(SERVE_TICK)
             self.kick.clear()
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from agent.slack_api import AUTH, WORKER, ApiFailure, SlackApi
 from agent.slack_attach import Attachments, extract
 from agent.slack_feedback import Reactions, failure_notice
 from agent.slack_files import SharedFiles
-from agent.slack_jobs import Delivery, Failure, Job, Notice, Reaction, Route
+from agent.slack_jobs import Delivery, Failure, Job, Notice, Progress, Reaction, Route
 from agent.slack_lane import Lane
 from agent.slack_store import ProfileStore
 from agent.slack_text import split, to_slack
+
+WORKING = "_Working on it…_"
 
 
 class Outbound:
@@ -44,8 +47,11 @@ class Outbound:
         reactions: Reactions,
         files: SharedFiles,
         workdir_of: Callable[[str], Path | None],
+        progress_after: float = 0.0,
     ):
         self.name = name
+        self.progress_after = progress_after  # seconds; 0: no "working on it" post
+        self.waiting: dict[str, tuple[float, Route]] = {}  # enqueued, not answered yet
         self.files = files
         self.max_file_bytes = files.max_bytes
         self.workdir_of = workdir_of  # an agent's workdir: where ATTACH paths may point
@@ -70,7 +76,29 @@ class Outbound:
         if delivery is None:
             self.finish(path)
             return
+        self._answered(delivery.route.message_id)
         self.lane(delivery.route.channel).put(delivery)
+
+    def expect(self, route: Route) -> None:
+        """A message was enqueued: no reply within progress_after, and the thread hears
+        that the agent is working on it."""
+        if self.progress_after > 0:
+            with self.lock:
+                self.waiting[route.message_id] = (time.monotonic() + self.progress_after, route)
+
+    def tick(self) -> None:
+        """From the profile's serve loop: a Progress job for each run that outlasted it."""
+        now = time.monotonic()
+        with self.lock:
+            due = [route for at, route in self.waiting.values() if at <= now]
+            for route in due:
+                del self.waiting[route.message_id]
+        for route in due:
+            self.lane(route.channel).put(Progress(route))
+
+    def _answered(self, message_id: str) -> None:
+        with self.lock:
+            self.waiting.pop(message_id, None)
 
     def notice(self, notice: Notice) -> None:
         self.lane(notice.channel).put(notice)
@@ -85,6 +113,7 @@ class Outbound:
         if found is None:
             return  # not ours, or long gone
         route = Route.of(message_id, found)
+        self._answered(message_id)
         if not route.failure_noticed:
             self.lane(route.channel).put(Failure(route, reason, attempts))
 
@@ -126,15 +155,52 @@ class Outbound:
             self.deliver(lane, job)
         elif isinstance(job, Failure):
             self._tell_failure(lane, job)
+        elif isinstance(job, Progress):
+            self._show_progress(lane, job)
         elif isinstance(job, Notice):
             self._post_notice(lane, job)
         else:
             self._swap_reaction(lane, job)
 
+    def _current(self, route: Route) -> Route:
+        """The route as it is now (a Progress job ahead in the lane may have changed it)."""
+        found = self.store.route(route.message_id)
+        return Route.of(route.message_id, found) if found is not None else route
+
+    def _show_progress(self, lane: "Lane", progress: Progress) -> None:
+        found = self.store.route(progress.route.message_id)
+        if found is None:
+            return  # answered meanwhile
+        route = Route.of(progress.route.message_id, found)
+        if route.progress_ts or route.failure_noticed or route.parts_posted:
+            return
+        params = {"channel": route.channel, "thread_ts": route.thread_ts, "text": WORKING}
+        try:
+            answer = lane.call("chat.postMessage", **params).answer
+        except ApiFailure as failure:
+            self._cosmetic_failed("progress", route.channel, failure)
+            return
+        if answer.get("ts"):
+            self.store.update_route(route.message_id, progress_ts=str(answer["ts"]))
+
+    def _replace_progress(self, lane: "Lane", route: Route, text: str) -> bool:
+        """Put text in place of the "working on it" post; False when there is none (left)."""
+        if not route.progress_ts:
+            return False
+        try:
+            lane.call("chat.update", channel=route.channel, ts=route.progress_ts, text=text)
+        except ApiFailure as failure:
+            if failure.kind == AUTH:
+                raise
+            return False  # deleted meanwhile, say: post instead
+        self.store.update_route(route.message_id, progress_ts=None)
+        return True
+
     def _tell_failure(self, lane: "Lane", failure: Failure) -> None:
-        route = failure.route
+        route = self._current(failure.route)
         text = failure_notice(failure.reason, failure.attempts)
-        self._post_notice(lane, Notice(route.channel, route.thread_ts, text, "failure"))
+        if not self._replace_progress(lane, route, text):
+            self._post_notice(lane, Notice(route.channel, route.thread_ts, text, "failure"))
         self._swap(route, self.reactions.failed)
         self.store.update_route(route.message_id, failure_noticed=True)
         self.files.remove(route.message_id)
@@ -192,7 +258,7 @@ class Outbound:
 
     def deliver(self, lane: "Lane", delivery: Delivery) -> None:
         """Post a reply as ordered parts (each recorded), then upload what it attaches."""
-        route = delivery.route
+        route = self._current(delivery.route)
         agent = str(delivery.reply.get("agent") or "")
         attach = extract(
             str(delivery.reply.get("message") or ""), self.workdir_of(agent), self.max_file_bytes
@@ -227,16 +293,20 @@ class Outbound:
         )
 
     def _post_parts(self, lane: "Lane", route: Route, parts: list[str]) -> int:
+        """Each part in order; the first one replaces a "working on it" post if any."""
         attempts = 0
         for number in range(route.parts_posted, len(parts)):
-            attempts += lane.call(
-                "chat.postMessage",
-                channel=route.channel,
-                text=parts[number],
-                thread_ts=route.thread_ts,
-                link_names=False,
-                unfurl_links=False,
-            )
+            if number == 0 and self._replace_progress(lane, route, parts[0]):
+                attempts += 1
+            else:
+                attempts += lane.call(
+                    "chat.postMessage",
+                    channel=route.channel,
+                    text=parts[number],
+                    thread_ts=route.thread_ts,
+                    link_names=False,
+                    unfurl_links=False,
+                ).attempts
             if len(parts) > 1:
                 self.store.update_route(route.message_id, parts_posted=number + 1)
         return attempts

@@ -2,7 +2,7 @@
 
 HTTP on 127.0.0.1 answers auth.test, apps.connections.open (a ws:// URL of our own
 WebSocket server), conversations.history and .replies, users.info, chat.postMessage,
-chat.postEphemeral, reactions.add and reactions.remove, files.getUploadURLExternal and
+chat.update, chat.postEphemeral, reactions.add and reactions.remove, files.getUploadURLExternal and
 files.completeUploadExternal (the upload URL is ours too), checking the bearer token of
 each call; shared files are served at /files/<name> to the bot token. The WebSocket
 server (the `websockets` library) says hello, pushes Socket Mode envelopes on request and
@@ -384,6 +384,8 @@ class FakeSlack:
             files = params.get("files")
             files = json.loads(files) if isinstance(files, str) else files or []
             return {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
+        if method == "chat.update":
+            return {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": f"{1800000000 + next(self._posted_ts)}.000000"}
         if method in ("reactions.add", "reactions.remove"):

@@ -401,3 +401,16 @@ def test_a_reply_attaches_files_from_the_agent_workdir_only(slack_env, fake):
     assert "_(not attached: ../secret.txt: outside the agent's workdir)_" in text
     wait_for(lambda: events(slack_env, "slack.reply.posted"), what="the reply done")
     assert events(slack_env, "slack.reply.posted")[0]["attached"] == 1
+
+
+def test_a_long_run_shows_working_on_it_and_the_reply_replaces_it(slack_env, fake):
+    start(slack_env, fake, ["sh", "-c", "sleep 2.5; cat"], progress_after=1)
+    ts = "1700000119.000100"
+    fake.push_event(mention(ts, "take your time"))
+    working = wait_for(lambda: replies_in(fake, CHANNEL, ts), 10, what="the working-on-it post")
+    assert working == ["_Working on it…_"]
+    update = wait_for(lambda: fake.calls_of("chat.update"), 30, what="the reply replacing it")[0]
+    assert update.params["text"] == "take your time"
+    assert update.params["ts"] == fake.posted()[0].body["ts"]
+    wait_for(lambda: events(slack_env, "slack.reply.posted"), what="the reply done")
+    assert len(fake.posted()) == 1  # no second message in the thread
