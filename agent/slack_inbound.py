@@ -26,10 +26,6 @@ from agent.slack_store import ProfileStore, safe_name
 from agent.slack_text import from_slack
 
 WANTED_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})
-NOT_SUPPORTED = (
-    "Sorry, this bot does not support slash commands or buttons. "
-    "Mention it in a channel (or send it a direct message, where allowed) instead."
-)
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,6 @@ class Inbound:
                 channel,
                 message.thread,
                 message_ts=message.ts,
-                files=bool(item.get("files")),
             )
             self.queue.enqueue(item, name=f"{file_name}.json")  # staged in tmp/, renamed in
 
@@ -244,79 +239,8 @@ class Inbound:
         if preamble:
             item["message"] = f"{preamble}\n\n{item['message']}".rstrip()
 
-    # ---- Socket Mode
-
-    def on_envelope(self, client: Any, request: Any) -> None:
-        """One Socket Mode envelope, acknowledged before any slow Web API call.
-
-        A message for the bot is first written to the profile's inbox (durable), then
-        acknowledged, then enqueued: a crash in between is replayed from the inbox, and a
-        crash before the ack is redelivered by Slack. Slash commands and interactive
-        payloads are answered "not supported"; anything else is acknowledged and ignored.
-        """
-        try:
-            if request.type == "events_api":
-                self._event(client, request)
-            elif request.type == "slash_commands":
-                _ack(client, request, {"response_type": "ephemeral", "text": NOT_SUPPORTED})
-                self._unsupported(request.type, request.payload)
-            else:
-                _ack(client, request)
-                if request.type == "interactive":
-                    self._unsupported(request.type, request.payload)
-        except Exception as exc:  # not acknowledged: Slack redelivers, backfill catches up
-            self._error(exc)
-
-    def _event(self, client: Any, request: Any) -> None:
-        body = request.payload.get("event") or {}
-        if body.get("type") not in ("message", "app_mention") or not body.get("channel"):
-            _ack(client, request)
-            return
-        message = SlackMessage.parse(body["channel"], body, body.get("channel_type"))
-        if not self.admit(message):
-            _ack(client, request)
-            return
-        self.store.inbox_put(message.channel, message.ts, {"channel": message.channel, **body})
-        _ack(client, request)
-        self.react_received(message)
-        try:
-            self.enqueue(message, source="socket")
-        except Exception as exc:  # stays in the inbox: replayed at the next connect
-            self._error(exc)
-            return
-        self.store.inbox_drop(message.channel, message.ts)
-
-    def replay_inbox(self) -> None:
-        """Enqueue what was acknowledged but not enqueued before a crash or disconnect."""
-        for body in self.store.inbox():
-            channel = str(body.get("channel") or "")
-            message = SlackMessage.parse(channel, body, body.get("channel_type"))
-            try:
-                if not self.cursors.seen(channel, message.ts):
-                    self.enqueue(message, source="inbox")
-            except Exception as exc:  # stays in the inbox for the next connect
-                self._error(exc)
-                continue
-            self.store.inbox_drop(channel, message.ts)
-
-    def _unsupported(self, kind: str, payload: dict[str, Any]) -> None:
-        user = (payload.get("user") or {}).get("id") or payload.get("user_id")
-        channel = (payload.get("channel") or {}).get("id") or payload.get("channel_id")
-        event(
-            "slack.unsupported",
-            f"slack profile {self.name}: {kind} from {user} answered 'not supported'",
-            worker=WORKER,
-            profile=self.name,
-            kind=kind,
-            user=user,
-            slack_channel=channel,
-        )
-        if kind == "interactive" and user and channel:
-            self.outbound.notice(
-                Notice(str(channel), None, NOT_SUPPORTED, "unsupported", ephemeral_to=str(user))
-            )
-
-    def _error(self, exc: Exception) -> None:
+    def error(self, exc: Exception) -> None:
+        """An event that could not be enqueued (logged redacted; Slack or the inbox retries)."""
         event(
             "slack.inbound.error",
             f"slack profile {self.name}: could not enqueue an event: "
@@ -325,10 +249,3 @@ class Inbound:
             level=logging.ERROR,
             profile=self.name,
         )
-
-
-def _ack(client: Any, request: Any, payload: dict[str, Any] | None = None) -> None:
-    from slack_sdk.socket_mode.response import SocketModeResponse
-
-    response = SocketModeResponse(envelope_id=request.envelope_id, payload=payload)
-    client.send_socket_mode_response(response)

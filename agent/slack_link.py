@@ -2,8 +2,9 @@
 
 A ProfileLink owns one [slack.profiles.NAME] in its own thread and wires the units that
 do the work: SlackApi (Web API calls, redaction), slack_connection (Socket Mode),
-Inbound (Slack event -> queue message), Backfill (history since the cursors), Outbound
-(replies -> posts, one lane per channel). The connect order is the cursor protocol's:
+Envelopes (ack first, then handle), Inbound (Slack message -> queue message), Backfill
+(history since the cursors), Outbound (replies, notices, reactions: one lane per
+channel), SharedFiles (files in). The connect order is the cursor protocol's:
 auth.test, pin the cursors, open the socket, backfill. When the connection drops, or an
 auth error happens anywhere, it reconnects by itself with backoff; tokens are read again
 each time. Every state change is an event; a repeated failure is logged once.
@@ -32,6 +33,7 @@ from agent.slack_api import (
 )
 from agent.slack_backfill import Backfill
 from agent.slack_connection import close, is_dead, open_socket
+from agent.slack_envelopes import Envelopes
 from agent.slack_feedback import Reactions
 from agent.slack_files import SharedFiles
 from agent.slack_inbound import Inbound
@@ -72,6 +74,7 @@ class ProfileLink:
         self.inbound = Inbound(
             name, profile, self.api, self.store, queue, self.outbound, self.files
         )
+        self.envelopes = Envelopes(self.inbound)
         self.backfill = Backfill(
             name, self.api, self.inbound, self._backfill_channels, self.stop_event.wait
         )
@@ -198,9 +201,9 @@ class ProfileLink:
         bot_token = read_token(self.profile.bot_token_file, "bot")
         app_token = read_token(self.profile.app_token_file, "app")
         self.api.login(bot_token, app_token)
-        self.inbound.replay_inbox()  # acknowledged before a crash, not enqueued yet
+        self.envelopes.replay_inbox()  # acknowledged before a crash, not enqueued yet
         plan = self.backfill.plan()  # before the socket opens: nothing slips between
-        self.socket = open_socket(self.api, app_token, self.inbound.on_envelope)
+        self.socket = open_socket(self.api, app_token, self.envelopes.on_envelope)
         self._session = self.socket.session_id()
         self.backfill.run(plan)
         self._set(RUNNING)
