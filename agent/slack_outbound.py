@@ -279,7 +279,8 @@ class Outbound:
         self.store.drop_route(route.message_id)
         self.files.remove(route.message_id)  # the message is done: its files go
         self._swap(route, self.reactions.done)
-        self.posted += 1
+        with self.lock:  # lanes post in parallel
+            self.posted += 1
         event(
             "slack.reply.posted",
             f"slack profile {self.name}: reply to {route.message_id} posted in thread",
