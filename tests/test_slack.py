@@ -59,6 +59,7 @@ def profile(creds: Path, **extra: Any) -> dict[str, Any]:
         "app_token_file": str(creds / "app"),
         "agent": "default",
         "channels": [CHANNEL],
+        "progress_after": 0,  # no "working on it" post unless a test asks for one
         **extra,
     }
 
