@@ -4,6 +4,8 @@ Lanes keep channels apart: one channel's pace, rate limit or outage never holds 
 another. In a lane a Web API call is retried through rate limits (Retry-After) and
 transient errors (Backoff); posts are paced to one per POST_INTERVAL. A job waits while
 the profile is not connected; an exception in a job is logged and never kills the lane.
+A lane idle for LANE_IDLE seconds ends its thread (Outbound.retire, under the same lock
+as Outbound.submit, so no job is ever put into a lane that has ended).
 """
 
 import logging
@@ -27,6 +29,7 @@ POSTS = frozenset({"chat.postMessage", "chat.postEphemeral", "chat.update", "fil
 POST_BACKOFF = 1.0
 POST_BACKOFF_MAX = 60.0
 IDLE_WAIT = 0.5
+LANE_IDLE = 60.0  # a lane with nothing to do for this long ends its thread
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,12 @@ class Lane:
 
     def _run(self) -> None:
         stop = self.outbound.stop_event
+        idle_since = time.monotonic()
         while not stop.is_set():
             job = self._next()
             if job is None:
+                if time.monotonic() - idle_since > LANE_IDLE and self.outbound.retire(self):
+                    return  # a channel with nothing to post holds no thread
                 continue
             try:
                 self._wait_ready()
@@ -82,6 +88,7 @@ class Lane:
             finally:
                 if isinstance(job, Delivery):  # the next scan may hand it over again
                     self.outbound.finish(job.path)
+                idle_since = time.monotonic()
 
     def _wait_ready(self) -> None:
         while not self.outbound.ready():

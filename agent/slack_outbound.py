@@ -77,7 +77,7 @@ class Outbound:
             self.finish(path)
             return
         self._answered(delivery.route.message_id)
-        self.lane(delivery.route.channel).put(delivery)
+        self.submit(delivery.route.channel, delivery)
 
     def expect(self, route: Route) -> None:
         """A message was enqueued: no reply within progress_after, and the thread hears
@@ -94,18 +94,18 @@ class Outbound:
             for route in due:
                 del self.waiting[route.message_id]
         for route in due:
-            self.lane(route.channel).put(Progress(route))
+            self.submit(route.channel, Progress(route))
 
     def _answered(self, message_id: str) -> None:
         with self.lock:
             self.waiting.pop(message_id, None)
 
     def notice(self, notice: Notice) -> None:
-        self.lane(notice.channel).put(notice)
+        self.submit(notice.channel, notice)
 
     def react(self, reaction: Reaction) -> None:
         if reaction.add or reaction.remove:
-            self.lane(reaction.channel).put(reaction)
+            self.submit(reaction.channel, reaction)
 
     def failed_message(self, message_id: str, reason: str, attempts: int) -> None:
         """The queue gave up on a message: a notice and the failed reaction, once."""
@@ -115,17 +115,27 @@ class Outbound:
         route = Route.of(message_id, found)
         self._answered(message_id)
         if not route.failure_noticed:
-            self.lane(route.channel).put(Failure(route, reason, attempts))
+            self.submit(route.channel, Failure(route, reason, attempts))
 
     def finish(self, path: Path) -> None:
         with self.lock:
             self.pending.discard(path.name)
 
-    def lane(self, channel: str) -> "Lane":
+    def submit(self, channel: str, job: Job) -> None:
+        """Into the channel's lane (started when the channel has none)."""
         with self.lock:
             if channel not in self.lanes:
                 self.lanes[channel] = Lane(self, channel)
-            return self.lanes[channel]
+            self.lanes[channel].put(job)
+
+    def retire(self, lane: Lane) -> bool:
+        """An idle lane ends, unless a job came in meanwhile; True when it may end."""
+        with self.lock, lane.wakeup:
+            if lane.jobs:
+                return False
+            if self.lanes.get(lane.channel) is lane:
+                del self.lanes[lane.channel]
+            return True
 
     def join(self, timeout: float) -> None:
         for lane in list(self.lanes.values()):

@@ -140,3 +140,44 @@ def test_shared_files_send_the_bot_token_only_to_slack_hosts(tmp_path):
         "m1", [{"name": "a.txt", "url_private_download": "https://evil.example/a"}]
     )
     assert got.paths == [] and got.skipped == ["a.txt: no download URL on a Slack host"]
+
+
+def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, monkeypatch):
+    import threading
+
+    from agent import slack_lane
+    from agent.slack_api import SlackApi
+    from agent.slack_feedback import Reactions
+    from agent.slack_files import SharedFiles
+    from agent.slack_jobs import Reaction
+    from agent.slack_outbound import Outbound
+    from tests.helpers import wait_for
+
+    monkeypatch.setattr(slack_lane, "LANE_IDLE", 0.2)
+    monkeypatch.setattr(slack_lane, "IDLE_WAIT", 0.05)
+    calls = []
+    api = SlackApi("main", "http://127.0.0.1:9/api/")
+    api.call = lambda method, **params: calls.append((method, params["timestamp"])) or {}
+    stop = threading.Event()
+    outbound = Outbound(
+        "main",
+        api,
+        ProfileStore(tmp_path, "main"),
+        tmp_path / "queue",
+        stop,
+        ready=lambda: True,
+        on_problem=lambda failure: None,
+        reactions=Reactions("eyes", "ok", "x"),
+        files=SharedFiles(tmp_path / "files", api, 1024),
+        workdir_of=lambda agent: None,
+    )
+    try:
+        outbound.submit("C1", Reaction("C1", "1.0", "eyes"))
+        first = wait_for(lambda: outbound.lanes.get("C1"), what="the lane")
+        wait_for(lambda: calls == [("reactions.add", "1.0")], what="the first job done")
+        wait_for(lambda: "C1" not in outbound.lanes, what="the idle lane retired")
+        wait_for(lambda: not first.thread.is_alive(), what="its thread ended")
+        outbound.submit("C1", Reaction("C1", "2.0", "eyes"))
+        wait_for(lambda: len(calls) == 2, what="a job after the retirement done")
+    finally:
+        stop.set()
