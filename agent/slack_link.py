@@ -37,7 +37,7 @@ from agent.slack_envelopes import Envelopes
 from agent.slack_feedback import Reactions
 from agent.slack_files import SharedFiles
 from agent.slack_inbound import Inbound
-from agent.slack_outbound import Outbound
+from agent.slack_outbound import Outbound, ReplySettings
 from agent.slack_store import ProfileStore
 
 RECONNECT_BACKOFF = 0.5  # first reconnect delay; doubles up to RECONNECT_BACKOFF_MAX
@@ -65,10 +65,12 @@ class ProfileLink:
             self.stop_event,
             ready=lambda: self.state == RUNNING and self._problem is None,
             on_problem=self._problem_elsewhere,
-            reactions=Reactions.of(profile),
             files=self.files,
-            workdir_of=lambda agent: _workdir(config, agent or profile.agent),
-            progress_after=profile.progress_after,
+            settings=ReplySettings(
+                Reactions.of(profile),
+                profile.progress_after,
+                lambda agent: _workdir(config, agent or profile.agent),
+            ),
         )
         queue = Queue(config.queue_dir)
         self.inbound = Inbound(

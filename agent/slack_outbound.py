@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ from agent.slack_text import split, to_slack
 WORKING = "_Working on it…_"
 
 
+@dataclass(frozen=True)
+class ReplySettings:
+    """How a profile's replies behave, from [slack.profiles.NAME] and the agents."""
+
+    reactions: Reactions
+    progress_after: float  # seconds; 0: no "working on it" post
+    workdir_of: Callable[[str], Path | None]  # an agent's workdir: where ATTACH may point
+
+
 class Outbound:
     def __init__(
         self,
@@ -44,18 +54,16 @@ class Outbound:
         stop: threading.Event,
         ready: Callable[[], bool],
         on_problem: Callable[[ApiFailure], None],
-        reactions: Reactions,
         files: SharedFiles,
-        workdir_of: Callable[[str], Path | None],
-        progress_after: float = 0.0,
+        settings: ReplySettings,
     ):
         self.name = name
-        self.progress_after = progress_after  # seconds; 0: no "working on it" post
+        self.progress_after = settings.progress_after
         self.waiting: dict[str, tuple[float, Route]] = {}  # enqueued, not answered yet
         self.files = files
         self.max_file_bytes = files.max_bytes
-        self.workdir_of = workdir_of  # an agent's workdir: where ATTACH paths may point
-        self.reactions = reactions
+        self.workdir_of = settings.workdir_of
+        self.reactions = settings.reactions
         self.api = api
         self.store = store
         self.queue_dir = queue_dir

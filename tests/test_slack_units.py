@@ -150,7 +150,7 @@ def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, mon
     from agent.slack_feedback import Reactions
     from agent.slack_files import SharedFiles
     from agent.slack_jobs import Reaction
-    from agent.slack_outbound import Outbound
+    from agent.slack_outbound import Outbound, ReplySettings
     from tests.helpers import wait_for
 
     monkeypatch.setattr(slack_lane, "LANE_IDLE", 0.2)
@@ -167,9 +167,8 @@ def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, mon
         stop,
         ready=lambda: True,
         on_problem=lambda failure: None,
-        reactions=Reactions("eyes", "ok", "x"),
         files=SharedFiles(tmp_path / "files", api, 1024),
-        workdir_of=lambda agent: None,
+        settings=ReplySettings(Reactions("eyes", "ok", "x"), 0.0, lambda agent: None),
     )
     try:
         outbound.submit("C1", Reaction("C1", "1.0", "eyes"))
