@@ -426,3 +426,16 @@ def test_a_long_run_shows_working_on_it_and_the_reply_replaces_it(slack_env, fak
     assert update.params["ts"] == fake.posted()[0].body["ts"]
     wait_for(lambda: events(slack_env, "slack.reply.posted"), what="the reply done")
     assert len(fake.posted()) == 1  # no second message in the thread
+
+
+def test_a_long_run_that_fails_turns_working_on_it_into_the_notice(slack_env, fake):
+    start(slack_env, fake, ["sh", "-c", "sleep 2.5; exit 3"], progress_after=1)
+    ts = "1700000121.000100"
+    fake.push_event(mention(ts))
+    working = wait_for(lambda: replies_in(fake, CHANNEL, ts), 10, what="the working-on-it post")
+    assert working == ["_Working on it…_"]
+    wait_for(lambda: fake.reactions_on(CHANNEL, ts) == ["x"], 30, what="the failed reaction")
+    update = fake.calls_of("chat.update")[0]
+    assert update.params["ts"] == fake.posted()[0].body["ts"]
+    assert "could not answer" in update.params["text"]
+    assert len(fake.posted()) == 1  # the notice took the place of "working on it"
