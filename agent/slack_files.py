@@ -5,13 +5,16 @@ default 20 MB) downloaded with the bot token into
 state_dir/slack/<profile>/files/<messageId>/ (directory 0700, files 0600). The queue
 message lists their absolute paths in `files` (the agent gets them in $AGENT_FILES, one
 per line) and its text starts with a preamble naming them, and any file that was skipped
-and why. The directory is removed when the reply is posted or the failure notice is.
+and why. The directory is removed when the reply is posted or the failure notice is, and
+at the next start once it is as old as a route may get (a reply that never came).
 Invariants: the bot token is only ever sent to Slack's own hosts (or the configured API
 host); no error text carries it (every error passes through the API's redaction).
 """
 
+import contextlib
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -62,6 +65,14 @@ class SharedFiles:
 
     def remove(self, message_id: str) -> None:
         shutil.rmtree(self.directory(message_id), ignore_errors=True)
+
+    def prune(self, max_age: float, now: float | None = None) -> None:
+        """Remove the files of messages older than max_age seconds (a reply never posted)."""
+        now = time.time() if now is None else now
+        for directory in self.root.glob("*"):
+            with contextlib.suppress(OSError):
+                if now - directory.stat().st_mtime > max_age:
+                    shutil.rmtree(directory, ignore_errors=True)
 
     def _one(
         self, message_id: str, number: int, name: str, info: dict[str, Any], result: Downloads

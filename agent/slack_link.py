@@ -38,7 +38,7 @@ from agent.slack_feedback import Reactions
 from agent.slack_files import SharedFiles
 from agent.slack_inbound import Inbound
 from agent.slack_outbound import Outbound, ReplySettings
-from agent.slack_store import ProfileStore
+from agent.slack_store import ROUTE_MAX_AGE, ProfileStore
 
 RECONNECT_BACKOFF = 0.5  # first reconnect delay; doubles up to RECONNECT_BACKOFF_MAX
 RECONNECT_BACKOFF_MAX = 30.0
@@ -140,12 +140,14 @@ class ProfileLink:
             "enqueued": self.inbound.enqueued,
             "posted": self.outbound.posted,
             "outbox": len(self.outbound.pending),
+            "lanes": len(self.outbound.lanes),
         }
 
     # ---- thread
 
     def start(self) -> None:
         self.store.prepare()
+        self.files.prune(ROUTE_MAX_AGE)  # files of messages whose reply never came
         self.thread = threading.Thread(target=self._main, name=f"slack-{self.name}", daemon=True)
         self.thread.start()
 

@@ -180,3 +180,19 @@ def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, mon
         wait_for(lambda: len(calls) == 2, what="a job after the retirement done")
     finally:
         stop.set()
+
+
+def test_old_shared_files_are_pruned(tmp_path):
+    import os
+
+    from agent.slack_api import SlackApi
+    from agent.slack_files import SharedFiles
+
+    files = SharedFiles(tmp_path, SlackApi("main", "http://127.0.0.1:9/api/"), 1024)
+    old, new = files.directory("main.C1.1.0"), files.directory("main.C1.2.0")
+    for directory in (old, new):
+        directory.mkdir()
+        (directory / "0_a.txt").write_text("a")
+    os.utime(old, (1_000_000, 1_000_000))
+    files.prune(3600)
+    assert not old.exists() and new.exists()
