@@ -196,3 +196,21 @@ def test_old_shared_files_are_pruned(tmp_path):
     os.utime(old, (1_000_000, 1_000_000))
     files.prune(3600)
     assert not old.exists() and new.exists()
+
+
+def test_threads_are_followed_for_their_mentioners_and_old_cursors_for_everyone(tmp_path):
+    import json
+
+    from agent.slack_cursors import Cursors
+
+    store = ProfileStore(tmp_path, "main")
+    store.prepare()
+    cursors = Cursors(store, "main")
+    assert cursors.settle("C1", "5.0", "5.0", lambda: None, follower="U1")
+    assert cursors.follows("C1", "5.0", "U1", everyone=False)
+    assert not cursors.follows("C1", "5.0", "U2", everyone=False)
+    assert cursors.follows("C1", "5.0", "U2", everyone=True)
+    assert not cursors.follows("C1", "6.0", "U1", everyone=True)  # not a thread of the bot
+    # A cursor written before followers were kept: its threads stay open to everyone.
+    (store.channels_dir / "C2.json").write_text(json.dumps({"cursor": "7.0", "threads": ["7.0"]}))
+    assert cursors.follows("C2", "7.0", "U9", everyone=False)
