@@ -75,6 +75,15 @@ def message_id(profile: str, channel: str, ts: str) -> str:
     return f"{profile}.{channel}.{ts}"
 
 
+def conversation_id(channel: str, thread: str) -> str:
+    """The queue conversationId of a Slack thread: `<channel>.<thread ts>`.
+
+    A thread ts alone is not unique across channels; a conversation (its order, and an
+    agent session resumed for it) must never span two channels.
+    """
+    return f"{channel}.{thread}"
+
+
 class UserNames:
     """Display names by user id (users.info), cached; the id when the lookup fails."""
 
@@ -215,7 +224,7 @@ class Inbound:
         item: dict[str, Any] = {
             "channel": "slack",
             "channelProfileId": self.name,
-            "conversationId": message.thread,
+            "conversationId": conversation_id(message.channel, message.thread),
             "messageId": message_id(self.name, message.channel, message.ts),
             "message": text,
             "sender": sender,

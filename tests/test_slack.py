@@ -176,7 +176,7 @@ def test_mention_becomes_one_queue_message_and_reply_is_posted_in_thread(slack_e
     assert len(items) == 1
     item = items[0]
     assert item["channelProfileId"] == "main"
-    assert item["conversationId"] == ts  # a mention outside a thread starts one
+    assert item["conversationId"] == f"{CHANNEL}.{ts}"  # a mention outside a thread starts one
     assert item["message"] == "what is up?"
     assert item["senderId"] == "U1" and item["sender"] == "alice"
     assert item["agent"] == "default"
@@ -188,7 +188,7 @@ def test_mention_becomes_one_queue_message_and_reply_is_posted_in_thread(slack_e
     in_thread["thread_ts"] = ts
     fake.push_event(in_thread)
     threaded = wait_for(lambda: queued(slack_env, reply_ts), what="the thread reply queued")
-    assert threaded[0]["conversationId"] == ts
+    assert threaded[0]["conversationId"] == f"{CHANNEL}.{ts}"
 
     reply = write_reply(slack_env, item, "all good")
     wait_for(lambda: fake.posted(), what="chat.postMessage")
@@ -283,7 +283,7 @@ def test_missed_history_is_backfilled_after_restart(slack_env, fake):
     assert items[0]["message"] == "while you were out"
     assert len(queued(slack_env, first)) == 1  # not enqueued a second time
     threaded = wait_for(lambda: queued(slack_env, in_thread), what="the thread reply backfilled")
-    assert threaded[0]["conversationId"] == first
+    assert threaded[0]["conversationId"] == f"{CHANNEL}.{first}"
     history_calls = fake.calls_of("conversations.history")
     assert history_calls and history_calls[-1].params["oldest"] == first
     wait_for(lambda: enqueued_events(slack_env, in_thread), what="the backfill's events")

@@ -248,13 +248,15 @@ def test_slash_commands_and_buttons_are_answered_not_supported(slack_env, fake):
 
 
 def test_two_channels_with_the_same_ts_each_get_their_own_reply(slack_env, fake):
-    start(slack_env, fake, ["cat"], channels=[CHANNEL, "C200"])
+    # The agent answers with the text and its conversation: one per channel's thread.
+    agent = ["sh", "-c", 'cat; printf " in %s" "$AGENT_CONVERSATION_ID"']
+    start(slack_env, fake, agent, channels=[CHANNEL, "C200"])
     ts = "1700000111.000100"
     fake.push_event(mention(ts, "for C100"))
     fake.push_event(mention(ts, "for C200") | {"channel": "C200"})
     wait_for(lambda: len(fake.posted()) == 2, 30, what="two replies")
-    assert replies_in(fake, CHANNEL, ts) == ["for C100"]
-    assert replies_in(fake, "C200", ts) == ["for C200"]
+    assert replies_in(fake, CHANNEL, ts) == [f"for C100 in {CHANNEL}.{ts}"]
+    assert replies_in(fake, "C200", ts) == [f"for C200 in C200.{ts}"]
 
 
 def test_a_reply_to_a_message_enqueued_before_the_new_ids_still_finds_its_thread(slack_env, fake):
