@@ -159,6 +159,23 @@ class SlackProfileConfig(Section):
         "app_token_file": Setting("", "str", "a file path string (xapp- token)", bool),
         "agent": Setting(None, "optional_str", "the name of an [agents.NAME] table"),
         "channels": Setting((), "argv", "an array of channel ids"),
+        "allowed_users": Setting((), "argv", "an array of Slack user ids (empty: everyone)"),
+        "allow_dm": Setting(False, "bool", "true or false"),
+        "deny_notice": Setting("", "str", "a string (empty: no notice)"),
+        "follow_threads": Setting(
+            "mentioner", "str", "one of mentioner, all", choices=("mentioner", "all")
+        ),
+        "ack_reaction": Setting("eyes", "str", "an emoji name without colons (empty: none)"),
+        "done_reaction": Setting(
+            "white_check_mark", "str", "an emoji name without colons (empty: none)"
+        ),
+        "failed_reaction": Setting("x", "str", "an emoji name without colons (empty: none)"),
+        "progress_after": Setting(
+            30.0, "float", "a number of seconds >= 0 (0: never)", lambda v: v >= 0
+        ),
+        "max_file_bytes": Setting(
+            20 * 1024 * 1024, "int", "a whole number of bytes >= 0 (0: no files)", lambda v: v >= 0
+        ),
     }
 
 

@@ -155,7 +155,7 @@ def _agents(config: Config) -> Iterator[Finding]:
 def _tokens(config: Config) -> Iterator[Finding]:
     if not config.slack.enabled:
         return
-    from agent.slack_link import resolve_token_path
+    from agent.slack_api import resolve_token_path
     from agent.trust import loose_secret_files
 
     for profile_name, profile in config.slack.profiles.items():
@@ -214,7 +214,7 @@ def _slack_auth(config: Config) -> Iterator[Finding]:
     from slack_sdk import WebClient
     from slack_sdk.errors import SlackApiError
 
-    from agent.slack_link import read_token
+    from agent.slack_api import read_token
 
     for name, profile in config.slack.profiles.items():
         check = f"slack {name} auth.test"

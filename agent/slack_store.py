@@ -2,9 +2,13 @@
 
     state_dir/slack/<profile>/channels/<channel>.json   the cursor of one channel: the newest
         message ts seen, the recent ts already enqueued (duplicate deliveries are dropped
-        against it) and the threads the bot takes part in (whose replies it listens to)
-    state_dir/slack/<profile>/routes/<ts>.json           where the reply to message <ts> goes
-        (the Slack channel and thread), removed once the reply is posted
+        against it), the threads the bot takes part in (whose replies it listens to) and
+        each thread's followers (the users who mentioned the bot in it)
+    state_dir/slack/<profile>/routes/<id>.json           where the reply to message <id> goes
+        (the Slack channel and thread), removed once the reply is posted; <id> is the
+        queue messageId (<profile>.<channel>.<ts>; the bare ts before that scheme)
+    state_dir/slack/<profile>/inbox/<channel>_<ts>.json  an event acknowledged to Slack and
+        not enqueued yet (the ack comes before slow calls); replayed at the next connect
 
 Every write is atomic (temp file, fsync, rename, fsync of the directory) and 0640 at
 most; every read refuses a symlink (O_NOFOLLOW) and anything but a small regular file, so
@@ -80,6 +84,12 @@ class ChannelCursor:
         self.cursor: str | None = _str_or_none(data.get("cursor"))
         self.seen: list[str] = _strings(data.get("seen"))
         self.threads: list[str] = _strings(data.get("threads"))
+        followers = data.get("followers")
+        self.followers: dict[str, list[str]] = {
+            thread: _strings(users)
+            for thread, users in (followers.items() if isinstance(followers, dict) else ())
+            if isinstance(thread, str)
+        }
         self._seen_set = set(self.seen)
         # While pinned (a backfill from this cursor is due or running) the cursor stays put:
         # moving past a message not fetched yet could lose it. `held` is where it may go.
@@ -92,8 +102,8 @@ class ChannelCursor:
         # Older than everything we still remember, with the memory full: an old redelivery.
         return len(self.seen) >= SEEN_LIMIT and ts_key(ts) <= ts_key(self.seen[0])
 
-    def record(self, ts: str, thread: str) -> None:
-        """Remember an enqueued message and the thread it belongs to."""
+    def record(self, ts: str, thread: str, follower: str | None = None) -> None:
+        """Remember an enqueued message, the thread it belongs to and who follows it."""
         self.seen.append(ts)
         self.seen.sort(key=ts_key)
         del self.seen[:-SEEN_LIMIT]
@@ -103,6 +113,11 @@ class ChannelCursor:
             self.threads.remove(thread)
         self.threads.append(thread)
         del self.threads[:-THREAD_LIMIT]
+        if follower is not None:
+            users = self.followers.setdefault(thread, [])
+            if follower not in users:
+                users.append(follower)
+        self.followers = {t: u for t, u in self.followers.items() if t in self.threads}
         self.save()
 
     def advance(self, ts: str) -> None:
@@ -127,7 +142,15 @@ class ChannelCursor:
         return False
 
     def save(self) -> None:
-        write_json(self.path, {"cursor": self.cursor, "seen": self.seen, "threads": self.threads})
+        write_json(
+            self.path,
+            {
+                "cursor": self.cursor,
+                "seen": self.seen,
+                "threads": self.threads,
+                "followers": self.followers,
+            },
+        )
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -145,11 +168,12 @@ class ProfileStore:
         self.root = state_dir / "slack" / safe_name(profile)
         self.channels_dir = self.root / "channels"
         self.routes_dir = self.root / "routes"
+        self.inbox_dir = self.root / "inbox"
         self.lock = threading.RLock()
         self._cursors: dict[str, ChannelCursor] = {}
 
     def prepare(self) -> None:
-        for directory in (self.channels_dir, self.routes_dir):
+        for directory in (self.channels_dir, self.routes_dir, self.inbox_dir):
             directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.prune_routes()
 
@@ -182,11 +206,17 @@ class ProfileStore:
 
     # ---- reply routes
 
-    def write_route(self, ts: str, channel: str, thread_ts: str) -> None:
+    def write_route(self, ts: str, channel: str, thread_ts: str, **extra: Any) -> None:
         write_json(
             self.routes_dir / f"{safe_name(ts)}.json",
-            {"channel": channel, "thread_ts": thread_ts, "created": time.time()},
+            {"channel": channel, "thread_ts": thread_ts, "created": time.time(), **extra},
         )
+
+    def update_route(self, ts: str, **fields: Any) -> None:
+        """Add fields to a route (e.g. how many parts of a long reply are posted)."""
+        route = self.route(ts)
+        if route is not None:
+            write_json(self.routes_dir / f"{safe_name(ts)}.json", {**route, **fields})
 
     def route(self, ts: str) -> dict[str, Any] | None:
         try:
@@ -210,3 +240,23 @@ class ProfileStore:
                     path.unlink()
             except OSError:
                 pass
+
+    # ---- inbox: acknowledged events not enqueued yet (they hold message text: 0640)
+
+    def inbox_put(self, channel: str, ts: str, item: dict[str, Any]) -> None:
+        write_json(self.inbox_dir / f"{safe_name(channel)}_{safe_name(ts)}.json", item)
+
+    def inbox_drop(self, channel: str, ts: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.inbox_dir / f"{safe_name(channel)}_{safe_name(ts)}.json")
+
+    def inbox(self) -> list[dict[str, Any]]:
+        items = []
+        for path in sorted(self.inbox_dir.glob("*.json")):
+            try:
+                item = read_json(path)
+            except (OSError, ValueError):
+                continue
+            if isinstance(item, dict):
+                items.append(item)
+        return items

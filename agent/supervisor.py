@@ -571,7 +571,7 @@ class Supervisor:
         """A Slack token file its group or the world may read: a warning event at start."""
         if not self.config.slack.enabled:
             return
-        from agent.slack_link import resolve_token_path
+        from agent.slack_api import resolve_token_path
         from agent.trust import loose_secret_files
 
         paths = [

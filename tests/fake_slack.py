@@ -1,9 +1,12 @@
 """A small fake Slack on loopback: the Web API methods the worker calls, and Socket Mode.
 
 HTTP on 127.0.0.1 answers auth.test, apps.connections.open (a ws:// URL of our own
-WebSocket server), conversations.history and .replies, users.info and chat.postMessage, checking the
-bearer token of each call. The WebSocket server (the `websockets` library) says hello,
-pushes Socket Mode envelopes on request and records the acknowledgements it receives.
+WebSocket server), conversations.history and .replies, users.info, chat.postMessage,
+chat.update, chat.postEphemeral, reactions.add and reactions.remove, files.getUploadURLExternal and
+files.completeUploadExternal (the upload URL is ours too), checking the bearer token of
+each call; shared files are served at /files/<name> to the bot token. The WebSocket
+server (the `websockets` library) says hello, pushes Socket Mode envelopes on request and
+records the acknowledgements it receives.
 Tests can script the next answers of a method (429 with Retry-After, an error code) and
 drop the live WebSocket connections.
 """
@@ -37,6 +40,15 @@ class Call:
     body: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Scripted:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    channel: str | None = None  # only a call for this channel gets it
+    delay: float = 0.0  # seconds before answering (a slow Slack)
+
+
 class FakeSlack:
     def __init__(self, bot_token: str, app_token: str):
         self.bot_token = bot_token
@@ -44,10 +56,14 @@ class FakeSlack:
         self.lock = threading.Lock()
         self.calls: list[Call] = []
         self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.scripted: dict[str, deque[tuple[int, dict[str, Any], dict[str, str]]]] = defaultdict(
-            deque
-        )
+        self.scripted: dict[str, deque[Scripted]] = defaultdict(deque)
         self.acks: list[str] = []
+        self.ack_payloads: dict[str, Any] = {}
+        self.files: dict[str, bytes] = {}  # served at /files/<name> with the bot token
+        self.downloads: list[tuple[str, str]] = []  # (name, token used)
+        self.uploads: dict[str, bytes] = {}  # file id -> bytes uploaded
+        self.upload_names: dict[str, str] = {}  # file id -> filename
+        self.reactions: dict[tuple[str, str], list[str]] = defaultdict(list)  # (channel, ts)
         self.connections: list[ServerConnection] = []
         self.ws_opened = 0
         self.refuse_connections = False  # apps.connections.open answers an error while set
@@ -91,10 +107,12 @@ class FakeSlack:
         body: dict[str, Any],
         status: int = 200,
         headers: dict[str, str] | None = None,
+        channel: str | None = None,
+        delay: float = 0.0,
     ) -> None:
-        """The next call of `method` gets this answer instead of the normal one."""
+        """The next call of `method` (for `channel`, if given) gets this answer instead."""
         with self.lock:
-            self.scripted[method].append((status, body, headers or {}))
+            self.scripted[method].append(Scripted(status, body, headers or {}, channel, delay))
 
     def add_history(self, channel: str, message: dict[str, Any]) -> None:
         with self.lock:
@@ -110,6 +128,30 @@ class FakeSlack:
     def live(self) -> int:
         with self.lock:
             return len(self.connections)
+
+    def share_file(self, name: str, data: bytes) -> dict[str, Any]:
+        """Serve a file; returns its entry for a message event's `files`."""
+        with self.lock:
+            self.files[name] = data
+        url = f"{self.api_url.removesuffix('/api/')}/files/{name}"
+        return {"id": f"F{name}", "name": name, "size": len(data), "url_private_download": url}
+
+    def reactions_on(self, channel: str, ts: str) -> list[str]:
+        with self.lock:
+            return list(self.reactions[(channel, ts)])
+
+    def push_envelope(self, kind: str, payload: dict[str, Any]) -> str:
+        """Push a non-event envelope (slash_commands, interactive); returns its id."""
+        envelope_id = f"env-{next(self._envelopes)}"
+        self.send_raw(
+            {
+                "envelope_id": envelope_id,
+                "type": kind,
+                "accepts_response_payload": kind == "slash_commands",
+                "payload": payload,
+            }
+        )
+        return envelope_id
 
     def push_event(self, event: dict[str, Any], retry_attempt: int = 0) -> str:
         """Push one events_api envelope to every live connection; returns its envelope id."""
@@ -179,6 +221,7 @@ class FakeSlack:
                 if isinstance(message, dict) and message.get("envelope_id"):
                     with self.lock:
                         self.acks.append(message["envelope_id"])
+                        self.ack_payloads[message["envelope_id"]] = message.get("payload")
         except ConnectionClosed:
             pass
         finally:
@@ -200,6 +243,12 @@ class FakeSlack:
 
             def _handle(self) -> None:
                 url = urlparse(self.path)
+                if url.path.startswith("/files/"):
+                    self._file(url.path.removeprefix("/files/"))
+                    return
+                if url.path.startswith("/upload/"):
+                    self._upload(url.path.removeprefix("/upload/"))
+                    return
                 method = url.path.rsplit("/", 1)[-1]
                 params: dict[str, Any] = dict(parse_qsl(url.query))
                 length = int(self.headers.get("Content-Length") or 0)
@@ -221,6 +270,33 @@ class FakeSlack:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _file(self, name: str) -> None:
+                """A shared file's content, for the bot token only (url_private_download)."""
+                auth = self.headers.get("Authorization") or ""
+                with fake.lock:
+                    data = fake.files.get(name)
+                    fake.downloads.append((name, auth.removeprefix("Bearer ")))
+                if data is None or auth != f"Bearer {fake.bot_token}":
+                    self.send_response(404 if data is None else 403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _upload(self, file_id: str) -> None:
+                """The upload URL files.getUploadURLExternal handed out (no token needed)."""
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with fake.lock:
+                    fake.uploads[file_id] = data
+                body = f"OK - {len(data)}".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -230,9 +306,19 @@ class FakeSlack:
         self, method: str, params: dict[str, Any], token: str | None
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         with self.lock:
-            scripted = self.scripted[method].popleft() if self.scripted[method] else None
+            scripted = next(
+                (
+                    s
+                    for s in self.scripted[method]
+                    if s.channel is None or s.channel == params.get("channel")
+                ),
+                None,
+            )
+            if scripted is not None:
+                self.scripted[method].remove(scripted)
         if scripted is not None:
-            status, body, headers = scripted
+            time.sleep(scripted.delay)  # a slow answer, on this request's own thread
+            status, body, headers = scripted.status, scripted.body, scripted.headers
         else:
             status, headers = 200, {}
             body = self._normal(method, params, token)
@@ -288,4 +374,35 @@ class FakeSlack:
             if params.get("thread_ts"):
                 message["thread_ts"] = params["thread_ts"]
             return {"ok": True, "channel": params.get("channel"), "ts": ts, "message": message}
+        if method == "files.getUploadURLExternal":
+            file_id = f"F{next(self._posted_ts)}"
+            with self.lock:
+                self.upload_names[file_id] = params.get("filename", "")
+            upload_url = f"{self.api_url.removesuffix('/api/')}/upload/{file_id}"
+            return {"ok": True, "upload_url": upload_url, "file_id": file_id}
+        if method == "files.completeUploadExternal":
+            files = params.get("files")
+            files = json.loads(files) if isinstance(files, str) else files or []
+            return {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
+        if method == "chat.update":
+            return {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}
+        if method == "chat.postEphemeral":
+            return {"ok": True, "message_ts": f"{1800000000 + next(self._posted_ts)}.000000"}
+        if method in ("reactions.add", "reactions.remove"):
+            return self._react(method, params)
         return {"ok": False, "error": "unknown_method"}
+
+    def _react(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        key = (params.get("channel", ""), params.get("timestamp", ""))
+        name = params.get("name", "")
+        with self.lock:
+            present = self.reactions[key]
+            if method == "reactions.add":
+                if name in present:
+                    return {"ok": False, "error": "already_reacted"}
+                present.append(name)
+            else:
+                if name not in present:
+                    return {"ok": False, "error": "no_reaction"}
+                present.remove(name)
+        return {"ok": True}

@@ -59,6 +59,7 @@ def profile(creds: Path, **extra: Any) -> dict[str, Any]:
         "app_token_file": str(creds / "app"),
         "agent": "default",
         "channels": [CHANNEL],
+        "progress_after": 0,  # no "working on it" post unless a test asks for one
         **extra,
     }
 
@@ -100,8 +101,14 @@ def mention(ts: str, text: str = "hello", thread_ts: str | None = None) -> dict[
     return event
 
 
-def queued(env: AgentEnv, message_id: str) -> list[dict[str, Any]]:
+def message_id(ts: str, channel: str = CHANNEL, name: str = "main") -> str:
+    """A Slack message's queue messageId: unique across profiles and channels."""
+    return f"{name}.{channel}.{ts}"
+
+
+def queued(env: AgentEnv, ts: str, channel: str = CHANNEL) -> list[dict[str, Any]]:
     """Every queue message (incoming, claimed, or failed) for this Slack message ts."""
+    wanted = message_id(ts, channel)
     found = []
     for sub in ("incoming", "processing", "failed"):
         for path in (env.state_dir / "queue" / sub).glob("*.json"):
@@ -109,7 +116,7 @@ def queued(env: AgentEnv, message_id: str) -> list[dict[str, Any]]:
                 item = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if item.get("channel") == "slack" and item.get("messageId") == message_id:
+            if item.get("channel") == "slack" and item.get("messageId") == wanted:
                 found.append(item)
     return found
 
@@ -128,8 +135,9 @@ def events(env: AgentEnv, name: str) -> list[dict[str, Any]]:
     return found
 
 
-def enqueued_events(env: AgentEnv, message_id: str) -> list[dict[str, Any]]:
-    return [r for r in events(env, "slack.message.enqueued") if r.get("message_id") == message_id]
+def enqueued_events(env: AgentEnv, ts: str, channel: str = CHANNEL) -> list[dict[str, Any]]:
+    wanted = message_id(ts, channel)
+    return [r for r in events(env, "slack.message.enqueued") if r.get("message_id") == wanted]
 
 
 def write_reply(env: AgentEnv, item: dict[str, Any], text: str) -> Path:
@@ -168,7 +176,7 @@ def test_mention_becomes_one_queue_message_and_reply_is_posted_in_thread(slack_e
     assert len(items) == 1
     item = items[0]
     assert item["channelProfileId"] == "main"
-    assert item["conversationId"] == ts  # a mention outside a thread starts one
+    assert item["conversationId"] == f"{CHANNEL}.{ts}"  # a mention outside a thread starts one
     assert item["message"] == "what is up?"
     assert item["senderId"] == "U1" and item["sender"] == "alice"
     assert item["agent"] == "default"
@@ -180,7 +188,7 @@ def test_mention_becomes_one_queue_message_and_reply_is_posted_in_thread(slack_e
     in_thread["thread_ts"] = ts
     fake.push_event(in_thread)
     threaded = wait_for(lambda: queued(slack_env, reply_ts), what="the thread reply queued")
-    assert threaded[0]["conversationId"] == ts
+    assert threaded[0]["conversationId"] == f"{CHANNEL}.{ts}"
 
     reply = write_reply(slack_env, item, "all good")
     wait_for(lambda: fake.posted(), what="chat.postMessage")
@@ -215,7 +223,7 @@ def test_retried_delivery_is_not_duplicated(slack_env, fake):
 
 def test_bot_messages_edits_and_unmentioned_chatter_are_ignored(slack_env, fake):
     creds = write_tokens(slack_env)
-    configure(slack_env, fake, SILENT_AGENT, main=profile(creds))
+    configure(slack_env, fake, SILENT_AGENT, main=profile(creds, allow_dm=True))
     slack_env.start()
     wait_running(slack_env)
 
@@ -229,9 +237,9 @@ def test_bot_messages_edits_and_unmentioned_chatter_are_ignored(slack_env, fake)
     fake.push_event(other)
     dm = {"type": "message", "channel": "D1", "channel_type": "im", "user": "U2", "text": "hi"}
     fake.push_event({**dm, "ts": "1700000002.000500"})
-    wait_for(lambda: queued(slack_env, "1700000002.000500"), what="the DM queued")
+    wait_for(lambda: queued(slack_env, "1700000002.000500", "D1"), what="the DM queued")
     # Envelopes are handled in order: once the DM's event is logged, the rest were seen.
-    wait_for(lambda: enqueued_events(slack_env, "1700000002.000500"), what="the DM's event")
+    wait_for(lambda: enqueued_events(slack_env, "1700000002.000500", "D1"), what="DM's event")
     assert len(events(slack_env, "slack.message.enqueued")) == 1
 
 
@@ -252,7 +260,7 @@ def test_missed_history_is_backfilled_after_restart(slack_env, fake):
     in_thread = "1700000003.000250"
     fake.add_history(
         CHANNEL,
-        {"type": "message", "user": "U2", "text": "and?", "ts": in_thread, "thread_ts": first},
+        {"type": "message", "user": "U1", "text": "and?", "ts": in_thread, "thread_ts": first},
     )
     fake.add_history(CHANNEL, {**mention(missed, "while you were out"), "type": "message"})
     fake.add_history(
@@ -275,7 +283,7 @@ def test_missed_history_is_backfilled_after_restart(slack_env, fake):
     assert items[0]["message"] == "while you were out"
     assert len(queued(slack_env, first)) == 1  # not enqueued a second time
     threaded = wait_for(lambda: queued(slack_env, in_thread), what="the thread reply backfilled")
-    assert threaded[0]["conversationId"] == first
+    assert threaded[0]["conversationId"] == f"{CHANNEL}.{first}"
     history_calls = fake.calls_of("conversations.history")
     assert history_calls and history_calls[-1].params["oldest"] == first
     wait_for(lambda: enqueued_events(slack_env, in_thread), what="the backfill's events")

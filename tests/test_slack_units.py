@@ -2,15 +2,16 @@
 
 import pytest
 
-from agent.slack_link import (
+from agent.slack_api import (
     AUTH_FAILED,
     AUTH_MISSING,
     SlackProblem,
-    _retry_after,
+    api_error_code,
     api_problem,
     read_token,
     redact,
     resolve_token_path,
+    retry_after,
 )
 from agent.slack_store import SEEN_LIMIT, ChannelCursor, ProfileStore, ts_key
 
@@ -66,8 +67,8 @@ def test_api_errors_become_safe_problems():
     boom = api_problem(OSError("connect to xoxb-leak-me failed"), ("xoxb-leak-me",), "b")
     assert "leak" not in str(boom)
     limited = response({"ok": False, "error": "ratelimited"}, 429, {"Retry-After": "7"})
-    assert _retry_after(limited) == 7.0
-    assert _retry_after(response({"ok": False}, 429)) == 1.0
+    assert retry_after(limited) == 7.0
+    assert retry_after(response({"ok": False}, 429)) == 1.0
 
 
 def test_cursor_remembers_seen_and_threads(tmp_path):
@@ -119,9 +120,97 @@ def test_routes_round_trip(tmp_path):
 def test_an_api_error_page_that_echoes_a_token_is_redacted():
     from types import SimpleNamespace
 
-    from agent.slack_link import _api_error_code
-
     page = "<html>Bad gateway. Authorization: Bearer xoxb-1234-5678-abcdefSECRET</html>"
     exc = SimpleNamespace(response={"error": page})
-    error = _api_error_code(exc, ("xoxb-1234-5678-abcdefSECRET",))
+    error = api_error_code(exc, ("xoxb-1234-5678-abcdefSECRET",))
     assert "SECRET" not in error and "[redacted]" in error
+
+
+def test_shared_files_send_the_bot_token_only_to_slack_hosts(tmp_path):
+    from agent.slack_api import SlackApi
+    from agent.slack_files import SharedFiles
+
+    api = SlackApi("main", "http://127.0.0.1:9/api/")
+    files = SharedFiles(tmp_path, api, 1024)
+    assert files._trusted("https://files.slack.com/files-pri/T1-F1/download/a.txt")
+    assert files._trusted("http://127.0.0.1:9/files/a.txt")  # the configured API host
+    assert not files._trusted("https://slack.com.evil.example/a.txt")
+    assert not files._trusted("https://evil.example/a.txt")
+    got = files.download(
+        "m1", [{"name": "a.txt", "url_private_download": "https://evil.example/a"}]
+    )
+    assert got.paths == [] and got.skipped == ["a.txt: no download URL on a Slack host"]
+
+
+def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, monkeypatch):
+    import threading
+
+    from agent import slack_lane
+    from agent.slack_api import SlackApi
+    from agent.slack_feedback import Reactions
+    from agent.slack_files import SharedFiles
+    from agent.slack_jobs import Reaction
+    from agent.slack_outbound import Outbound, ReplySettings
+    from tests.helpers import wait_for
+
+    monkeypatch.setattr(slack_lane, "LANE_IDLE", 0.2)
+    monkeypatch.setattr(slack_lane, "IDLE_WAIT", 0.05)
+    calls = []
+    api = SlackApi("main", "http://127.0.0.1:9/api/")
+    api.call = lambda method, **params: calls.append((method, params["timestamp"])) or {}
+    stop = threading.Event()
+    outbound = Outbound(
+        "main",
+        api,
+        ProfileStore(tmp_path, "main"),
+        tmp_path / "queue",
+        stop,
+        ready=lambda: True,
+        on_problem=lambda failure: None,
+        files=SharedFiles(tmp_path / "files", api, 1024),
+        settings=ReplySettings(Reactions("eyes", "ok", "x"), 0.0, lambda agent: None),
+    )
+    try:
+        outbound.submit("C1", Reaction("C1", "1.0", "eyes"))
+        first = wait_for(lambda: outbound.lanes.get("C1"), what="the lane")
+        wait_for(lambda: calls == [("reactions.add", "1.0")], what="the first job done")
+        wait_for(lambda: "C1" not in outbound.lanes, what="the idle lane retired")
+        wait_for(lambda: not first.thread.is_alive(), what="its thread ended")
+        outbound.submit("C1", Reaction("C1", "2.0", "eyes"))
+        wait_for(lambda: len(calls) == 2, what="a job after the retirement done")
+    finally:
+        stop.set()
+
+
+def test_old_shared_files_are_pruned(tmp_path):
+    import os
+
+    from agent.slack_api import SlackApi
+    from agent.slack_files import SharedFiles
+
+    files = SharedFiles(tmp_path, SlackApi("main", "http://127.0.0.1:9/api/"), 1024)
+    old, new = files.directory("main.C1.1.0"), files.directory("main.C1.2.0")
+    for directory in (old, new):
+        directory.mkdir()
+        (directory / "0_a.txt").write_text("a")
+    os.utime(old, (1_000_000, 1_000_000))
+    files.prune(3600)
+    assert not old.exists() and new.exists()
+
+
+def test_threads_are_followed_for_their_mentioners_and_old_cursors_for_everyone(tmp_path):
+    import json
+
+    from agent.slack_cursors import Cursors
+
+    store = ProfileStore(tmp_path, "main")
+    store.prepare()
+    cursors = Cursors(store, "main")
+    assert cursors.settle("C1", "5.0", "5.0", lambda: None, follower="U1")
+    assert cursors.follows("C1", "5.0", "U1", everyone=False)
+    assert not cursors.follows("C1", "5.0", "U2", everyone=False)
+    assert cursors.follows("C1", "5.0", "U2", everyone=True)
+    assert not cursors.follows("C1", "6.0", "U1", everyone=True)  # not a thread of the bot
+    # A cursor written before followers were kept: its threads stay open to everyone.
+    (store.channels_dir / "C2.json").write_text(json.dumps({"cursor": "7.0", "threads": ["7.0"]}))
+    assert cursors.follows("C2", "7.0", "U9", everyone=False)
