@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.test_slack)
 """Conversations that remember: claude and codex agents resume their CLI's session per
 conversation, through real supervisors and small fake CLIs (tests/fake_agents) that behave
 as the real ones document; the adapters' parsing also against the real CLIs' shapes."""
@@ -12,6 +13,7 @@ from agent.adapters import ClaudeAdapter, CodexAdapter, RunOutput
 from agent.sessions import SessionStore
 from tests.helpers import wait_for
 from tests.test_dispatcher import enqueue, failed_reason, reply
+from tests.test_slack import fake, slack_env  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -197,3 +199,42 @@ def test_codex_adapter_reads_json_lines_and_survives_reconnect_errors():
     assert not got.ok and got.error == "exit status 101: Reconnecting... 1/5"
     rejected = RunOutput(1, b"", b"Error: thread/resume: thread/resume failed: no rollout found")
     assert CodexAdapter().answer(rejected, resumed=True).resume_rejected
+
+
+# ---- through Slack: a thread is a conversation
+
+
+def test_a_slack_thread_of_three_messages_resumes_one_claude_session(slack_env, fake):
+    from tests.test_slack import CHANNEL, mention, profile, wait_running, write_tokens
+    from tests.test_slack_bot import in_thread
+
+    creds = write_tokens(slack_env)
+    slack_env.write_config(
+        slack={"enabled": True, "api_base_url": fake.api_url},
+        **{
+            "agents.default": {"command": [str(FAKES / "claude"), "-p"], "kind": "claude"},
+            "slack.profiles.main": profile(creds),
+        },
+    )
+    slack_env.start()
+    wait_running(slack_env)
+    root = "1700000900.000100"
+    fake.push_event(mention(root, "first"))
+    wait_for(lambda: len(fake.posted()) == 1, 30, what="the reply to the mention")
+    for n, ts in enumerate(("1700000900.000200", "1700000900.000300"), start=2):
+        fake.push_event(in_thread(ts, root, "U1", f"turn {n} please"))
+        wait_for(lambda n=n: len(fake.posted()) == n, 30, what=f"reply {n}")
+    texts = [p.params["text"] for p in fake.posted()]
+    assert texts == ["turn 1: first", "turn 2: turn 2 please", "turn 3: turn 3 please"]
+    assert all(p.params["thread_ts"] == root for p in fake.posted())
+    first, second, third = calls(slack_env, "default", "claude")
+    [session] = SessionStore(slack_env.state_dir).all()
+    assert session.conversation == f"{CHANNEL}.{root}"
+    assert "--resume" not in first
+    assert second[-2:] == third[-2:] == ["--resume", session.session_id]
+    slack_env.stop()  # the mapping survives a restart
+    slack_env.start()
+    wait_running(slack_env)
+    fake.push_event(in_thread("1700000900.000400", root, "U1", "after a restart"))
+    wait_for(lambda: len(fake.posted()) == 4, 30, what="the reply after the restart")
+    assert fake.posted()[-1].params["text"] == "turn 4: after a restart"
