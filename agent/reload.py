@@ -19,9 +19,9 @@ LIVE_FIXED = {
     "state_dir": lambda c: c.state_dir,
     "[logging] sink": lambda c: c.logging.sink,
 }
-# which parts of the config each worker reads
+# which parts of the config each worker reads (the queue checks a message's agent)
 WORKER_INPUTS = {
-    "queue": lambda c: (c.queue_dir, getattr(c, "queue", None)),
+    "queue": lambda c: (c.queue_dir, c.queue, c.agents),
     "dispatcher": lambda c: (c.agents, c.dispatcher),
     "slack": lambda c: (c.slack, c.agents),
     "heartbeat": lambda c: (c.heartbeat, c.agents),
@@ -50,7 +50,7 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     changed = [f"[{s}]" for s in SECTIONS if getattr(old, s) != getattr(new, s)]
     if old.agents != new.agents:
         changed.insert(0, "agents")
-    if getattr(old, "queue", None) != getattr(new, "queue", None):
+    if old.queue != new.queue:
         changed.append("[queue]")
     workers = tuple(name for name, get in WORKER_INPUTS.items() if get(old) != get(new))
     return ReloadPlan(new, workers, tuple(changed))

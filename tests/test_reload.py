@@ -65,7 +65,7 @@ def test_reload_under_a_stream_of_messages_loses_none_and_runs_none_twice(agent_
     for message_id in sent[after_verdict + 1 :]:  # enqueued after the verdict: the new agent
         assert replies[f"local_{message_id}.json"]["message"].startswith("new: ")
     [reloaded] = agent_env.events("supervisor.reloaded")
-    assert reloaded["workers"] == "dispatcher"
+    assert reloaded["workers"] == "queue,dispatcher"  # (the queue checks a message's agent)
 
 
 @pytest.mark.parametrize(
@@ -154,3 +154,14 @@ def test_the_reload_verdict_is_in_the_state_file(agent_env):
     agent_env.agentctl("reload")
     saved = json.loads((agent_env.state_dir / "state.json").read_text())["supervisor"]
     assert saved["reloads"] == 1 and saved["last_reload_error"] is None
+
+
+def test_a_message_for_an_agent_added_by_a_reload_is_answered(agent_env, tmp_path):
+    write_agents(agent_env, ["cat"])
+    agent_env.start()
+    agent_env.write_config(
+        **{"agents.default": {"command": ["cat"]}, "agents.added": {"command": ["echo", "new"]}}
+    )
+    assert agent_env.agentctl("reload").returncode == 0
+    enqueue(agent_env, "x", "n1", agent="added")
+    assert wait_for(lambda: reply(agent_env, "n1"), what="n1")["message"] == "new"

@@ -134,6 +134,13 @@ class QueueWorker(Worker):
                 break
             self.watcher.wait(IDLE_WAIT)
 
+    def reconfigure(self, config: Config) -> bool:
+        """A reload: the agents a message may name, and the stall threshold, in place (what
+        it remembers about deferred and quarantined entries stays)."""
+        self.agents = config.agents
+        self.stall_timeout = config.queue.stall_timeout
+        return True
+
     def wake(self) -> None:
         if self.watcher is not None:
             self.watcher.wake()
