@@ -34,6 +34,7 @@ class AgentGroup(click.Group):
 
 
 @click.group(cls=AgentGroup)
+@click.version_option(package_name="agent", prog_name="agentctl")
 @click.option(
     "--config",
     "config_path",
@@ -228,11 +229,14 @@ def send(
     timeout: float,
     text: str,
 ) -> None:
-    """Enqueue a local message for an agent; with --wait, print its reply."""
+    """Enqueue a local message (TEXT, or - to read it from standard input) for an agent;
+    with --wait, print its reply."""
     from agent.send import check_sendable, wait_for_reply
     from agent.send import send as enqueue
 
     config = _config(ctx)
+    if text == "-":  # the message on standard input
+        text = sys.stdin.read()
     check_sendable(config, agent_name, wait)
     sent = enqueue(config, text, agent=agent_name, conversation=conversation)
     if not sent.supervisor_running:
@@ -295,3 +299,29 @@ def init(ctx: click.Context, agent: str | None, force: bool) -> None:
     written = init_config(ctx.obj, agent, force)
     click.echo(f"wrote {written.path} (agent {written.agent})")
     click.echo(f"next: {written.next_step}")
+
+
+def _subcommand_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.obj = value  # after the subcommand it wins over the one before it
+
+
+def _accept_config_after_subcommands(group: click.Group) -> None:
+    """`agentctl status --config X` as well as `agentctl --config X status`."""
+    for command in group.commands.values():
+        command.params.insert(
+            0,
+            click.Option(
+                ["--config"],
+                metavar="PATH",
+                expose_value=False,
+                is_eager=True,
+                callback=_subcommand_config,
+                help="Config file (TOML); the same as before the command.",
+            ),
+        )
+        if isinstance(command, click.Group):
+            _accept_config_after_subcommands(command)
+
+
+_accept_config_after_subcommands(main)

@@ -28,6 +28,12 @@ class AgentError(Exception):
     exit_code = EXIT_FAILURE
 
 
+class UsageError(AgentError):
+    """A bad argument on the command line (exit 2, as click's own usage errors)."""
+
+    exit_code = EXIT_USAGE
+
+
 class NotRunning(AgentError):
     """The command needs a running supervisor and there is none (exit 3, as `status`)."""
 

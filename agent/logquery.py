@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from agent.clock import iso_utc, parse_iso
 from agent.config import Config
-from agent.errors import AgentError, PermissionDenied
+from agent.errors import AgentError, PermissionDenied, UsageError
 from agent.journalfields import key_of_field
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -66,10 +66,17 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         return parse_iso(text.strip())
     except ValueError:
-        raise AgentError(
+        raise UsageError(
             f"--since: expected a time like 2026-11-24T06:00:00Z or an age like 30s, 10m, 2h, "
             f"1d; got {text!r}"
         ) from None
+
+
+def _check_worker(worker: str | None) -> None:
+    from agent.states import WORKER_NAMES
+
+    if worker is not None and worker not in WORKER_NAMES:
+        raise UsageError(f"--worker: expected one of {', '.join(WORKER_NAMES)}; got {worker!r}")
 
 
 def _severity(level: str | None) -> int:
@@ -491,6 +498,7 @@ def print_logs(
     since: str | None = None,
 ) -> None:
     """`agentctl logs`: the last `limit` matching events, then new ones with `follow`."""
+    _check_worker(worker)
     flt = LogFilter(
         worker=worker, event=event, level=level, since=parse_since(since) if since else None
     )

@@ -65,3 +65,8 @@ def check_worker_transition(old: WorkerState, new: WorkerState) -> None:
 def check_phase_transition(old: Phase, new: Phase) -> None:
     if new not in PHASE_TRANSITIONS[old]:
         raise InvalidTransition(f"supervisor phase {old} cannot become {new}")
+
+
+# The workers there are, in start order (agent.workers builds them; `logs --worker` checks
+# against this without importing them).
+WORKER_NAMES = ("queue", "dispatcher", "slack", "heartbeat")

@@ -338,3 +338,41 @@ def test_status_logs_and_stop_still_find_a_supervisor_whose_config_broke(agent_e
     assert str(pid) in agent_env.agentctl("status").stdout
     stopped = agent_env.agentctl("stop")
     assert stopped.returncode == 0 and f"stopped (pid {pid})" in stopped.stdout
+
+
+def test_config_after_the_command_version_and_usage_errors(agent_env, tmp_path):
+    pid = agent_env.start()
+    env = {k: v for k, v in agent_env.cmd_env().items() if k != "AGENT_CONFIG"}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "no-user-config")
+
+    def agentctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    config = str(agent_env.config_path)
+    for args in (["status", "--config", config], ["--config", config, "status"]):
+        done = agentctl(*args)
+        assert done.returncode == 0 and f"pid:        {pid}" in done.stdout, done.stderr
+    other = tmp_path / "other.toml"
+    other.write_text("state_dir = '/nonexistent-before'\n")
+    after_wins = agentctl("--config", str(other), "status", "--config", config, "--json")
+    assert json.loads(after_wins.stdout)["supervisor"]["pid"] == pid
+    sent = agentctl("send", "--config", config, "--wait", "-", stdin="from stdin\n")
+    assert (sent.returncode, sent.stdout) == (0, "from stdin\n"), sent.stderr
+    version = agentctl("--version")
+    assert version.returncode == 0 and version.stdout.startswith("agentctl, version ")
+    for args, said in (
+        (["logs", "--since", "bogus"], "--since: expected a time"),
+        (["logs", "--worker", "nope"], "expected one of queue, dispatcher, slack, heartbeat"),
+    ):
+        done = agentctl(*args, "--config", config)
+        assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
+        done = agentctl("--config", config, *args)  # the quick path says the same
+        assert done.returncode == 2 and said in done.stderr, (args, done.stderr)

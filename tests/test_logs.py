@@ -126,7 +126,7 @@ def test_agentctl_logs_shows_the_lifecycle_events(agent_env):
     assert human.stdout.count("\n") == 1
     assert " info    supervisor.stopped supervisor stopped (clean) outcome=clean" in human.stdout
     bad = agent_env.agentctl("logs", "--since", "whenever")
-    assert bad.returncode == 1 and "--since: expected" in bad.stderr
+    assert bad.returncode == 2 and "--since: expected" in bad.stderr
 
 
 @pytest.mark.integration

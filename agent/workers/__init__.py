@@ -1,9 +1,8 @@
 """The registry of workers: which exist, in which order, and which the config enables."""
 
 from agent.config import Config
+from agent.states import WORKER_NAMES
 from agent.worker import Worker
-
-WORKER_NAMES = ("queue", "dispatcher", "slack", "heartbeat")
 
 
 def build_workers(config: Config) -> dict[str, Worker | None]:
