@@ -24,47 +24,37 @@ def atomic_write_bytes(
     data: bytes,
     mode: int = 0o644,
     times_ns: tuple[int, int] | None = None,
-    durable: bool = True,
+    sync_file: bool = True,
+    sync_dir: bool = True,
 ) -> None:
     """Readers see the old content or the new, never a mix; the new survives a crash.
 
-    times_ns, (atime, mtime) in nanoseconds, keeps a file's place in an mtime-ordered queue.
-    durable=False skips the fsyncs: for a file worth nothing after a crash (a heartbeat),
-    so that rewriting it often costs no disk write of its own.
+    The temp file is created with `mode` as narrowed by the umask (O_CREAT | O_EXCL |
+    O_NOFOLLOW): never wider, never chmod-ed afterwards. times_ns, (atime, mtime) in
+    nanoseconds, keeps a file's place in an mtime-ordered queue. sync_file / sync_dir
+    False skip an fsync: for a caller that syncs a batch itself, or for a file worth
+    nothing after a crash (a heartbeat), so that rewriting it costs no disk write.
     """
-    import tempfile  # here, not at the top: `agentctl status` reads state but never writes
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             if times_ns is not None:
                 os.utime(handle.fileno(), ns=times_ns)
-            if durable:
+            if sync_file:
                 os.fsync(handle.fileno())
-        os.chmod(tmp, mode & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if durable:
+    if sync_dir:
         fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:
     text = json.dumps(value, sort_keys=True, indent=2) + "\n"
     atomic_write_bytes(path, text.encode(), mode)
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (other threads may be creating files)."""
-    try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022

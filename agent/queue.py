@@ -525,8 +525,8 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _write_private(path: Path, data: bytes, sync_dir: bool = True, sync: bool = True) -> None:
-    """Atomic, durable, and 0600 from its creation: mkstemp creates with O_EXCL (never
-    through a symlink) and mode 0600, and nothing chmods it wider afterwards."""
+    """Atomic, durable, and 0600 from its creation (fsutil: O_EXCL | O_NOFOLLOW with the
+    mode, never through a symlink), and nothing chmods it wider afterwards."""
     _write_new(path, data, sync_dir, sync=sync)
 
 
@@ -542,32 +542,10 @@ def _write_new(
     path: Path, data: bytes, sync_dir: bool = True, mode: int | None = None, sync: bool = True
 ) -> None:
     """Temp file, fsync (unless sync is False: the caller syncs a batch), rename into
-    place, fsync the directory (unless sync_dir is False).
-
-    mode None: 0600 (mkstemp's). Otherwise the temp file is created with mode, as
-    narrowed by the umask, through os.open(O_CREAT | O_EXCL | O_NOFOLLOW).
-    """
-    import tempfile  # here: only writers need it
-
-    if mode is None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    else:
-        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if sync:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    place, fsync the directory (unless sync_dir is False). mode None: 0600."""
+    atomic_write_bytes(
+        path, data, 0o600 if mode is None else mode, sync_file=sync, sync_dir=sync_dir
+    )
 
 
 def _fit(name: str) -> str:

@@ -369,7 +369,7 @@ def write_pulse(path: Path, pulse: Pulse) -> None:
     from agent.fsutil import atomic_write_bytes
 
     data = json.dumps(pulse._asdict(), sort_keys=True).encode()
-    atomic_write_bytes(path, data, mode=FILE_MODE, durable=False)
+    atomic_write_bytes(path, data, mode=FILE_MODE, sync_file=False, sync_dir=False)
 
 
 def read_pulse(path: Path) -> Pulse | None:

@@ -90,7 +90,7 @@ def test_logs_skip_records_of_the_wrong_shape_and_say_so_once(agent_env):
         assert "ok" in done.stdout and "last" in done.stdout
         line = _one_warning(done.stderr)
         assert f"skipped {len(BAD_RECORDS)} unreadable log record(s)" in line
-    clicked = agent_env.agentctl("logs", "--worker", "q", "--lines=5")  # the click path
+    clicked = agent_env.agentctl("logs", "--worker", "queue", "--lines=5")  # the click path
     assert clicked.returncode == 0 and "Traceback" not in clicked.stderr
 
 
