@@ -58,6 +58,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "Claim",
     "Entry",
+    "FailedEntry",
     "Failure",
     "InvalidMessage",
     "MachineTrouble",
@@ -157,6 +158,31 @@ class Failure:
         if self.quarantined:
             info["quarantined"] = True
         return info
+
+    @classmethod
+    def from_json(cls, info: dict[str, Any]) -> "Failure":
+        """A reason file's record (fields of the wrong type read as absent)."""
+        attempts = info.get(ATTEMPTS)
+        message_id = info.get("messageId")
+        channel = info.get("channel")
+        return cls(
+            str(info.get("reason") or ""),
+            str(info.get("file") or ""),
+            attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0,
+            channel if isinstance(channel, str) else None,
+            str(message_id) if message_id not in (None, "") else None,
+            info.get("quarantined") is True,
+        )
+
+
+@dataclass(frozen=True)
+class FailedEntry:
+    """An entry of failed/ and its reason, as whoever tells a channel about it sees them."""
+
+    name: str  # in failed/
+    failure: Failure
+    content: dict[str, Any]  # the JSON object the entry holds
+    is_reply: bool  # a reply that could not be delivered, not a message the queue gave up on
 
 
 def printable(name: str) -> str:
@@ -482,6 +508,30 @@ class Queue:
             return None
         reason = self._read_json(self.failed / f"{name}.reason")
         return reason if isinstance(reason, dict) else {"reason": "(reason file unreadable)"}
+
+    def failure_names(self, channel: str) -> list[str]:
+        """Names of the reason files failed/<channel>_*.json.reason, by name."""
+        prefix = f"{quote(channel, safe='')}_"
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.failed) as entries:
+            return sorted(
+                e.name
+                for e in entries
+                if e.name.startswith(prefix) and e.name.endswith(".json.reason")
+            )
+        return []
+
+    def read_failure(self, reason_name: str) -> FailedEntry | None:
+        """The entry failed/<name> of the reason file failed/<name>.reason, with its reason;
+        None when either is gone or unreadable, or not a JSON object (a quarantine note)."""
+        name = reason_name.removesuffix(".reason")
+        info = self._read_json(self.failed / reason_name)
+        content = self._read_json(self.failed / name)
+        if not isinstance(info, dict) or not isinstance(content, dict):
+            return None
+        # A reply answers an originalMessage; reason files of replies written before the
+        # queue owned them had no `attempts`.
+        is_reply = "originalMessage" in content or ATTEMPTS not in info
+        return FailedEntry(name, Failure.from_json(info), content, is_reply)
 
     def fail_reply(self, name: str, reason: str, reply: Any = None) -> str | None:
         """A reply that cannot be delivered, untouched, into failed/ with its reason file."""

@@ -1,14 +1,13 @@
 """What the Slack worker's lanes carry: typed jobs for one Slack channel.
 
 A Route says where the reply to one message goes (from slack_store's route file); a
-Delivery is a reply file with its route; a Notice is a short text of the worker's own; a
-Reaction swaps the bot's emoji on a message; a Failure tells a thread that its message
-finally failed; a Progress posts "working on it" while a run lasts. Records only: what
-each does is in slack_outbound.
+Delivery is a reply (by its name in outgoing/) with its route; a Notice is a short text
+of the worker's own; a Reaction swaps the bot's emoji on a message; a Failure tells a
+thread that its message finally failed; a Progress posts "working on it" while a run
+lasts. Records only: what each does is in slack_outbound.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -41,9 +40,9 @@ class Route:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One reply file and its route, waiting in a lane."""
+    """One reply (its name in queue/outgoing/) and its route, waiting in a lane."""
 
-    path: Path
+    name: str
     reply: dict[str, Any]
     route: Route
 

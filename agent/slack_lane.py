@@ -87,7 +87,7 @@ class Lane:
                 self._crashed(exc)
             finally:
                 if isinstance(job, Delivery):  # the next scan may hand it over again
-                    self.outbound.finish(job.path)
+                    self.outbound.finish(job.name)
                 idle_since = time.monotonic()
 
     def _wait_ready(self) -> None:

@@ -49,7 +49,7 @@ SERVE_TICK = 0.5
 class ProfileLink:
     """One profile: its connection thread, its state, its units."""
 
-    def __init__(self, name: str, profile: SlackProfileConfig, config: Config):
+    def __init__(self, name: str, profile: SlackProfileConfig, config: Config, queue: Queue):
         self.name = name
         self.profile = profile
         self.store = ProfileStore(config.state_dir, name)
@@ -57,13 +57,13 @@ class ProfileLink:
         self.stop_event = threading.Event()
         self.kick = threading.Event()  # wakes the serve loop (a problem, stop)
         # under the queue's files/: the only place a message's `files` may point to
-        shared = Queue(config.queue_dir).files / "slack" / name
+        shared = queue.files / "slack" / name
         self.files = SharedFiles(shared, self.api, profile.max_file_bytes)
         self.outbound = Outbound(
             name,
             self.api,
             self.store,
-            config.queue_dir,
+            queue,
             self.stop_event,
             ready=lambda: self.state == RUNNING and self._problem is None,
             on_problem=self._problem_elsewhere,
@@ -74,7 +74,6 @@ class ProfileLink:
                 lambda agent: _workdir(config, agent or profile.agent),
             ),
         )
-        queue = Queue(config.queue_dir)
         self.inbound = Inbound(
             name, profile, self.api, self.store, queue, self.outbound, self.files
         )
@@ -100,8 +99,9 @@ class ProfileLink:
     def pending(self) -> set[str]:
         return self.outbound.pending
 
-    def offer(self, path: Any) -> None:
-        self.outbound.offer(path)
+    def offer(self, name: str) -> None:
+        """Post the reply outgoing/<name> (once)."""
+        self.outbound.offer(name)
 
     # ---- state
 

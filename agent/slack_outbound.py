@@ -1,18 +1,17 @@
 """Outbound: replies in queue/outgoing/ -> chat.postMessage in the original thread.
 
-The worker hands each reply file to Outbound.offer(). Its route (the Slack channel and
+The worker hands each reply (its name in outgoing/) to Outbound.offer(); replies are
+read, removed and moved to failed/ only through agent/queue.py. Its route (the Slack channel and
 thread, written by Inbound) picks the channel's Lane (slack_lane: one thread per Slack
 channel, its posts paced, its retries its own). Here is what each job does: an auth error
 stops the profile (the reply stays and is offered again after the reconnect), any other
 error moves the reply to queue/failed/ with a .reason file. A long reply is posted as
 ordered parts (slack_text.split), each recorded in the route, so a restart goes on where
 it stopped. A posted reply is removed from outgoing/ and its route dropped.
-Invariant: a file is in at most one lane at a time (`pending`).
+Invariant: a reply is in at most one lane at a time (`pending`).
 """
 
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.clock import iso_utc
-from agent.fsutil import atomic_write_json, fsync_dir
 from agent.log import event
+from agent.queue import InvalidMessage, MachineTrouble, Queue
 from agent.slack_api import AUTH, WORKER, ApiFailure, SlackApi
 from agent.slack_attach import Attachments, extract
 from agent.slack_feedback import Reactions, failure_notice
@@ -50,7 +48,7 @@ class Outbound:
         name: str,
         api: SlackApi,
         store: ProfileStore,
-        queue_dir: Path,
+        queue: Queue,
         stop: threading.Event,
         ready: Callable[[], bool],
         on_problem: Callable[[ApiFailure], None],
@@ -66,7 +64,7 @@ class Outbound:
         self.reactions = settings.reactions
         self.api = api
         self.store = store
-        self.queue_dir = queue_dir
+        self.queue = queue  # replies are read, removed and failed only through it
         self.stop_event = stop
         self.ready = ready  # the profile is connected: lanes may post
         self.on_problem = on_problem  # an auth failure: the profile must reconnect
@@ -75,14 +73,15 @@ class Outbound:
         self.lanes: dict[str, Lane] = {}
         self.posted = 0
 
-    def offer(self, path: Path) -> None:
+    def offer(self, name: str) -> None:
+        """Post the reply outgoing/<name> (once: a name already handed over is ignored)."""
         with self.lock:
-            if path.name in self.pending:
+            if name in self.pending:
                 return
-            self.pending.add(path.name)
-        delivery = self._delivery(path)
+            self.pending.add(name)
+        delivery = self._delivery(name)
         if delivery is None:
-            self.finish(path)
+            self.finish(name)
             return
         self._answered(delivery.route.message_id)
         self.submit(delivery.route.channel, delivery)
@@ -125,9 +124,9 @@ class Outbound:
         if not route.failure_noticed:
             self.submit(route.channel, Failure(route, reason, attempts))
 
-    def finish(self, path: Path) -> None:
+    def finish(self, name: str) -> None:
         with self.lock:
-            self.pending.discard(path.name)
+            self.pending.discard(name)
 
     def submit(self, channel: str, job: Job) -> None:
         """Into the channel's lane (started when the channel has none)."""
@@ -149,22 +148,24 @@ class Outbound:
         for lane in list(self.lanes.values()):
             lane.thread.join(timeout)
 
-    def _delivery(self, path: Path) -> Delivery | None:
-        """The reply and its route; None (after moving it to failed/) when it has none."""
+    def _delivery(self, name: str) -> Delivery | None:
+        """The reply and its route; None when it is gone, when the machine failed to read
+        it (it stays: the next scan offers it again), or (after moving it to failed/)
+        when it is not a reply or has no route."""
         try:
-            reply = json.loads(path.read_text())
-        except FileNotFoundError:
+            reply = self.queue.read_reply(name)
+        except (FileNotFoundError, MachineTrouble):
             return None
-        except (OSError, ValueError) as exc:
-            move_to_failed(self.queue_dir, path, f"unreadable reply: {exc}")
+        except InvalidMessage as exc:
+            move_to_failed(self.queue, name, f"unreadable reply: {exc}")
             return None
-        message_id = str(reply.get("messageId") or "") if isinstance(reply, dict) else ""
+        message_id = str(reply.get("messageId") or "")
         found = self.store.route(message_id) if message_id else None
         if found is None:
             reason = f"no Slack route for message {message_id!r}"
-            move_to_failed(self.queue_dir, path, reason, reply)
+            move_to_failed(self.queue, name, reason, reply)
             return None
-        return Delivery(path, reply, Route.of(message_id, found))
+        return Delivery(name, reply, Route.of(message_id, found))
 
     # ---- what a lane does with a job
 
@@ -293,7 +294,7 @@ class Outbound:
             return
         if attach.paths and not route.attached and not self._upload(lane, route, attach):
             return  # auth failure: the reply stays, the rest comes after the reconnect
-        _remove(delivery.path)
+        self.queue.remove_reply(delivery.name)
         self.store.drop_route(route.message_id)
         self.files.remove(route.message_id)  # the message is done: its files go
         self._swap(route, self.reactions.done)
@@ -349,7 +350,7 @@ class Outbound:
 
     def _failed(self, delivery: Delivery, error: str) -> None:
         message_id = delivery.route.message_id
-        move_to_failed(self.queue_dir, delivery.path, f"chat.postMessage: {error}", delivery.reply)
+        move_to_failed(self.queue, delivery.name, f"chat.postMessage: {error}", delivery.reply)
         self.store.drop_route(message_id)
         event(
             "slack.reply.failed",
@@ -362,33 +363,15 @@ class Outbound:
         )
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    fsync_dir(path.parent)
-
-
-def move_to_failed(queue_dir: Path, path: Path, reason: str, reply: Any = None) -> None:
-    """The reply, untouched, into failed/, with `<name>.reason` saying why (as the queue does)."""
-    failed = queue_dir / "failed"
-    failed.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"reason": reason, "failedAt": iso_utc(), "file": path.name}
-    if isinstance(reply, dict):
-        info.update(channel=reply.get("channel"), messageId=reply.get("messageId"))
-    atomic_write_json(failed / f"{path.name}.reason", info)
-    try:
-        os.replace(path, failed / path.name)
-    except FileNotFoundError:
-        return
-    fsync_dir(failed)
-    fsync_dir(path.parent)
+def move_to_failed(queue: Queue, name: str, reason: str, reply: Any = None) -> None:
+    """The reply outgoing/<name>, untouched, into failed/ with its reason file (the queue's)."""
+    if queue.fail_reply(name, reason, reply) is None:
+        return  # already gone
     event(
         "slack.reply.failed_file",
-        f"reply {path.name} moved to failed/: {reason}",
+        f"reply {name} moved to failed/: {reason}",
         worker=WORKER,
         level=logging.ERROR,
-        file=path.name,
+        file=name,
         reason=reason,
     )

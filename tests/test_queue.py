@@ -260,3 +260,34 @@ def test_a_reply_to_another_message_of_the_same_id_is_never_overwritten(q):
     assert reason["reason"].startswith("duplicate messageId")
     assert (reason["channel"], reason["messageId"]) == ("local", "m1")
     assert oct(os.stat(q.outgoing / "local_m1.json").st_mode & 0o777) == "0o600"
+
+
+def test_a_channel_reads_its_failed_messages_and_replies_through_the_queue(q):
+    slack = {"channelProfileId": "main"}
+    put(q, "m.json", new_message("slack", "hi", "me", "1", message_id="s1", **slack))
+    put(q, "x.json", msg(1))
+    for name in q.claim_all():
+        message = q.load(name)
+        message.data["attempts"] = 3
+        q.fail(name, "agent failed", message)
+    put(q, "r.json", new_message("slack", "yo", "me", "1", message_id="s2", **slack))
+    [name] = q.claim_all()
+    message = q.load(name)
+    q.write_reply(message, make_reply(message, "answer", "default"))
+    q.done(name)
+    reason = "chat.postMessage: channel_not_found"
+    q.fail_reply("slack_s2.json", reason, q.read_reply("slack_s2.json"))
+    (q.failed / "slack_s3.json.reason").write_text("{}")  # its entry is gone: not a record
+
+    names = q.failure_names("slack")
+    assert names == ["slack_s1.json.reason", "slack_s2.json.reason", "slack_s3.json.reason"]
+    failed = q.read_failure("slack_s1.json.reason")
+    assert failed is not None and not failed.is_reply
+    assert failed.name == "slack_s1.json" and failed.content["channelProfileId"] == "main"
+    assert (failed.failure.reason, failed.failure.attempts) == ("agent failed", 3)
+    assert (failed.failure.channel, failed.failure.message_id) == ("slack", "s1")
+    reply = q.read_failure("slack_s2.json.reason")
+    assert reply is not None and reply.is_reply
+    assert reply.failure.reason == reason
+    assert q.read_failure("slack_s3.json.reason") is None
+    assert q.failure_names("nobody") == []

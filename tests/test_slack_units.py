@@ -146,6 +146,7 @@ def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, mon
     import threading
 
     from agent import slack_lane
+    from agent.queue import Queue
     from agent.slack_api import SlackApi
     from agent.slack_feedback import Reactions
     from agent.slack_files import SharedFiles
@@ -163,7 +164,7 @@ def test_an_idle_lane_ends_its_thread_and_a_new_job_starts_another(tmp_path, mon
         "main",
         api,
         ProfileStore(tmp_path, "main"),
-        tmp_path / "queue",
+        Queue(tmp_path / "queue"),
         stop,
         ready=lambda: True,
         on_problem=lambda failure: None,

@@ -2,28 +2,25 @@
 
 The worker's own loop only heartbeats, hands queue/outgoing/slack_*.json to the profile
 named in each reply, tells a profile when the queue gave up on one of its messages (a
-`slack_*.json.reason` with `attempts` in queue/failed/), and watches the profile threads
+failed/slack_*.json that is a message, not a reply), and watches the profile threads
 (a dead one crashes the worker, and the runner restarts it); every network call happens
-in a profile thread. health() reports each profile's state, plus a `degraded` reason
-while any profile is not running.
+in a profile thread. It sees queue/ only through agent/queue.py (Queue). health()
+reports each profile's state, plus a `degraded` reason while any profile is not running.
 See docs/slack.md.
 """
 
-import contextlib
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from agent.config import Config
 from agent.dirwatch import DirWatcher
-from agent.queue import Queue
+from agent.queue import InvalidMessage, MachineTrouble, Queue
 from agent.slack_api import RUNNING, WORKER, redact
 from agent.slack_link import ProfileLink
 from agent.slack_outbound import move_to_failed
 from agent.worker import Worker, WorkerContext
 
+CHANNEL = "slack"  # the queue channel of Slack messages and replies
 SCAN_SECONDS = 0.25  # outgoing/ and failed/ are looked at this often (and at once on inotify)
 
 
@@ -33,22 +30,21 @@ class SlackWorker(Worker):
     def __init__(self, config: Config):
         self.config = config
         self.links: dict[str, ProfileLink] = {}
-        self.outgoing = config.queue_dir / "outgoing"
-        self.failed = config.queue_dir / "failed"
+        self.queue = Queue(config.queue_dir)  # every look at queue/ goes through it
         self._failures_seen: set[str] = set()  # reason files already looked at
         self.watcher: DirWatcher | None = None
 
     def initialize(self, ctx: WorkerContext) -> None:
-        Queue(self.config.queue_dir).ensure_dirs()
+        self.queue.ensure_dirs()
         self.links = {
-            name: ProfileLink(name, profile, self.config)
+            name: ProfileLink(name, profile, self.config, self.queue)
             for name, profile in self.config.slack.profiles.items()
         }
         for link in self.links.values():
             link.start()
 
     def run(self, ctx: WorkerContext) -> None:
-        watcher = DirWatcher(self.outgoing)  # a new reply is handed over at once
+        watcher = self.queue.reply_watcher()  # a new reply is handed over at once
         try:
             self._loop(ctx, watcher)
         finally:
@@ -70,54 +66,37 @@ class SlackWorker(Worker):
             watcher.wait(SCAN_SECONDS)
 
     def _scan_outgoing(self) -> None:
-        found = []
-        try:
-            with os.scandir(self.outgoing) as entries:
-                for entry in entries:
-                    if entry.name.startswith("slack_") and entry.name.endswith(".json"):
-                        with contextlib.suppress(FileNotFoundError):
-                            found.append((entry.stat().st_mtime_ns, entry.name))
-        except FileNotFoundError:
-            return
-        for _, name in sorted(found):  # oldest reply first: a thread's replies keep order
+        queue = self.queue
+        for name in queue.replies(CHANNEL):  # oldest first: a thread's replies keep order
             if any(name in link.pending for link in self.links.values()):
                 continue  # already handed over
-            path = self.outgoing / name
             try:
-                reply = json.loads(path.read_text())
-            except FileNotFoundError:
+                reply = queue.read_reply(name)
+            except (FileNotFoundError, MachineTrouble):
+                continue  # gone, or the disk failed us: the next scan tries again
+            except InvalidMessage as exc:
+                move_to_failed(queue, name, f"unreadable reply: {exc}")
                 continue
-            except (OSError, ValueError):
-                move_to_failed(self.config.queue_dir, path, "unreadable reply JSON")
-                continue
-            profile = reply.get("channelProfileId") if isinstance(reply, dict) else None
+            profile = reply.get("channelProfileId")
             link = self.links.get(str(profile))
             if link is None:
-                move_to_failed(self.config.queue_dir, path, f"unknown slack profile {profile!r}")
+                move_to_failed(queue, name, f"unknown slack profile {profile!r}")
                 continue
-            link.offer(path)
+            link.offer(name)
 
     def _scan_failed(self) -> None:
         """Messages the queue gave up on: each profile tells the thread (once)."""
-        try:
-            with os.scandir(self.failed) as entries:
-                names = [
-                    e.name
-                    for e in entries
-                    if e.name.startswith("slack_")
-                    and e.name.endswith(".json.reason")
-                    and e.name not in self._failures_seen
-                ]
-        except FileNotFoundError:
-            return
-        for name in sorted(names):
+        for name in self.queue.failure_names(CHANNEL):
+            if name in self._failures_seen:
+                continue
             self._failures_seen.add(name)
-            failure = _message_failure(self.failed, name)
-            link = self.links.get(str(failure.get("profile"))) if failure else None
-            if failure and link is not None:
-                link.outbound.failed_message(
-                    failure["messageId"], failure["reason"], failure["attempts"]
-                )
+            entry = self.queue.read_failure(name)
+            if entry is None or entry.is_reply:
+                continue  # unreadable, or a reply that could not be posted
+            failure, profile = entry.failure, entry.content.get("channelProfileId")
+            link = self.links.get(str(profile))
+            if failure.message_id and link is not None:
+                link.outbound.failed_message(failure.message_id, failure.reason, failure.attempts)
 
     def wake(self) -> None:
         if self.watcher is not None:
@@ -149,23 +128,3 @@ class SlackWorker(Worker):
         if reason:
             detail["degraded"] = reason
         return detail
-
-
-def _message_failure(failed: Path, reason_name: str) -> dict[str, Any] | None:
-    """A failed *message* (the queue's reason has `attempts`; a reply that could not be
-    posted has not) with its profile, or None."""
-    try:
-        info = json.loads((failed / reason_name).read_text())
-        message = json.loads((failed / reason_name.removesuffix(".reason")).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or not isinstance(message, dict) or "attempts" not in info:
-        return None
-    if "originalMessage" in message or not info.get("messageId"):
-        return None
-    return {
-        "profile": message.get("channelProfileId"),
-        "messageId": str(info["messageId"]),
-        "reason": str(info.get("reason") or ""),
-        "attempts": int(info.get("attempts") or 0),
-    }
