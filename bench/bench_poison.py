@@ -12,31 +12,15 @@ Issue 9's goal: under 2 s behind 1,000 poison files. Printed, never asserted in 
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from benchlib import running_agent, wait_until
 
 from agent.queue import Queue, new_message
 
 GOAL_SECONDS = 2.0
-
-
-def agentctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args], env=env, capture_output=True, text=True, check=False
-    )
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: timed out waiting for {what}")
-        time.sleep(0.001)
 
 
 def one_round(queue: Queue, poison: int, number: int) -> float:
@@ -62,27 +46,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="agent-bench-poison-", dir="/var/tmp"))
-    state = root / "state"
-    (root / "agent.toml").write_text(
-        f'state_dir = "{state}"\n[logging]\nsink = "file"\n[agents.default]\ncommand = ["cat"]\n'
-    )
-    env = {**os.environ, "AGENT_CONFIG": str(root / "agent.toml"), "AGENT_MANAGER": "standalone"}
-    env.pop("AGENT_FAULT_INJECT", None)
-    queue = Queue(state / "queue")
-    queue.ensure_dirs()
-    done = agentctl(env, "start")
-    if done.returncode != 0:
-        raise SystemExit(f"bench: start failed: {done.stderr}")
-    try:
-        waits = [one_round(queue, args.poison, n) for n in range(args.rounds)]
-    finally:
-        agentctl(env, "stop")
+    config = '[logging]\nsink = "file"\n[agents.default]\ncommand = ["cat"]\n'
+    with running_agent("poison", config) as agent:
+        waits = [one_round(agent.queue, args.poison, n) for n in range(args.rounds)]
     median = statistics.median(waits)
     print(f"good message behind {args.poison} poison files, {args.rounds} rounds, cat, durable:")
     print(f"  answered after {', '.join(f'{w:.2f}s' for w in waits)}; median {median:.2f}s "
           f"(goal < {GOAL_SECONDS:g} s: {median / GOAL_SECONDS:.2f} of goal)")  # fmt: skip
-    shutil.rmtree(root, ignore_errors=True)
     return 0 if median < GOAL_SECONDS else 1
 
 

@@ -15,14 +15,11 @@ throw-away state_dir on the real disk, so every queue move is fsync'ed (durable)
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+from benchlib import running_agent, wait_until
 from inotify_simple import INotify, flags
 
 from agent.queue import Queue, new_message
@@ -31,23 +28,47 @@ TARGET_RATE = 150.0  # messages/s
 TARGET_PICKUP_MS = 20.0  # median
 
 
-def agentctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args], env=env, capture_output=True, text=True, check=False
-    )
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: timed out waiting for {what}")
-        time.sleep(0.0005)
-
-
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(len(ordered) * share), len(ordered) - 1)]
+
+
+def throughput(queue: Queue, messages: int, conversations: int) -> tuple[float, float]:
+    """messages/s and seconds for `messages` written as fast as possible, until replied."""
+    began = time.perf_counter()
+    for i in range(messages):
+        data = new_message(
+            "bench", f"message {i}", "bench", "b", message_id=f"t{i}",
+            conversationId=f"c{i % conversations}",
+        )  # fmt: skip
+        queue.enqueue(data, name=f"t{i:06d}.json")
+    wait_until(lambda: len(os.listdir(queue.outgoing)) >= messages, 600, "all replies", 0.0005)
+    elapsed = time.perf_counter() - began
+    return messages / elapsed, elapsed
+
+
+def pickup_latency(queue: Queue, count: int) -> list[float]:
+    """Milliseconds from the rename into incoming/ to the claim (the rename out of it),
+    seen through inotify (IN_MOVED_FROM), one message at a time on an idle queue."""
+    watch = INotify()
+    watch.add_watch(queue.incoming, flags.MOVED_FROM)
+    pickups = []
+    for i in range(count):
+        data = new_message("bench", "ping", "bench", "b", message_id=f"p{i}")
+        staged = queue.tmp / f"p{i}.json"
+        with open(staged, "w") as handle:
+            handle.write(json.dumps(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        sent = time.perf_counter()
+        os.rename(staged, queue.incoming / f"p{i}.json")
+        while not any(e.name == f"p{i}.json" for e in watch.read(timeout=30_000)):
+            pass
+        pickups.append((time.perf_counter() - sent) * 1000)
+        reply = queue.outgoing / f"bench_p{i}.json"
+        wait_until(reply.exists, 30, f"reply p{i}", 0.0005)  # idle again before the next
+    watch.close()
+    return pickups
 
 
 def main() -> int:
@@ -58,54 +79,13 @@ def main() -> int:
     parser.add_argument("--pickups", type=int, default=200)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="agent-bench-queue-", dir="/var/tmp"))
-    state = root / "state"
-    (root / "agent.toml").write_text(
-        f'state_dir = "{state}"\n[logging]\nsink = "file"\n'
-        f'[agents.default]\ncommand = ["cat"]\n[dispatcher]\nconcurrency = {args.concurrency}\n'
+    config = (
+        '[logging]\nsink = "file"\n[agents.default]\ncommand = ["cat"]\n'
+        f"[dispatcher]\nconcurrency = {args.concurrency}\n"
     )
-    env = {**os.environ, "AGENT_CONFIG": str(root / "agent.toml"), "AGENT_MANAGER": "standalone"}
-    env.pop("AGENT_FAULT_INJECT", None)
-    queue = Queue(state / "queue")
-    queue.ensure_dirs()
-    done = agentctl(env, "start")
-    if done.returncode != 0:
-        raise SystemExit(f"bench: start failed: {done.stderr}")
-    try:
-        # ---- throughput
-        began = time.perf_counter()
-        for i in range(args.messages):
-            data = new_message(
-                "bench", f"message {i}", "bench", "b", message_id=f"t{i}",
-                conversationId=f"c{i % args.conversations}",
-            )  # fmt: skip
-            queue.enqueue(data, name=f"t{i:06d}.json")
-        wait_until(lambda: len(os.listdir(queue.outgoing)) >= args.messages, 600, "all replies")
-        elapsed = time.perf_counter() - began
-        rate = args.messages / elapsed
-
-        # ---- pickup latency on an idle queue: the claim is the rename out of incoming/,
-        # seen through inotify (IN_MOVED_FROM) so the measurement adds no polling delay
-        watch = INotify()
-        watch.add_watch(queue.incoming, flags.MOVED_FROM)
-        pickups = []
-        for i in range(args.pickups):
-            data = new_message("bench", "ping", "bench", "b", message_id=f"p{i}")
-            staged = queue.tmp / f"p{i}.json"
-            with open(staged, "w") as handle:
-                handle.write(json.dumps(data))
-                handle.flush()
-                os.fsync(handle.fileno())
-            sent = time.perf_counter()
-            os.rename(staged, queue.incoming / f"p{i}.json")
-            while not any(e.name == f"p{i}.json" for e in watch.read(timeout=30_000)):
-                pass
-            pickups.append((time.perf_counter() - sent) * 1000)
-            reply = queue.outgoing / f"bench_p{i}.json"
-            wait_until(reply.exists, 30, f"reply p{i}")  # idle again before the next one
-        watch.close()
-    finally:
-        agentctl(env, "stop")
+    with running_agent("queue", config) as agent:
+        rate, elapsed = throughput(agent.queue, args.messages, args.conversations)
+        pickups = pickup_latency(agent.queue, args.pickups)
     median, p99 = statistics.median(pickups), percentile(pickups, 0.99)
     print(
         f"throughput: {args.messages} messages, {args.conversations} conversations, "
@@ -116,7 +96,6 @@ def main() -> int:
     print(f"pickup latency (rename into incoming/ -> claimed), {len(pickups)} messages, idle:")
     print(f"  median {median:.1f} ms (target < {TARGET_PICKUP_MS:.0f}: "
           f"{median / TARGET_PICKUP_MS:.2f} of target), p99 {p99:.1f} ms")  # fmt: skip
-    shutil.rmtree(root, ignore_errors=True)
     return 0 if rate >= TARGET_RATE and median < TARGET_PICKUP_MS else 1
 
 

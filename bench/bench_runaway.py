@@ -13,22 +13,14 @@ and what an idle supervisor writes to disk per minute.
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchlib import running_agent
 
-from agent.queue import Queue, new_message  # noqa: E402
-
-
-def agentctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "agent", *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+from agent.queue import new_message
 
 
 def proc_field(pid: int, name: str, source: str = "status") -> int:
@@ -38,39 +30,21 @@ def proc_field(pid: int, name: str, source: str = "status") -> int:
     raise KeyError(name)
 
 
-def setup(root: Path, agents: str) -> dict[str, str]:
-    (root / "agent.toml").write_text(f'state_dir = "{root}/state"\n{agents}')
-    env = {**os.environ, "AGENT_CONFIG": str(root / "agent.toml"), "AGENT_MANAGER": "standalone"}
-    env.pop("NOTIFY_SOCKET", None)
-    return env
-
-
-def start(env: dict[str, str]) -> int:
-    done = agentctl(env, "start")
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout.strip().rsplit("pid ", 1)[1].rstrip(")"))
-
-
 def runaway(messages: int) -> None:
-    root = Path(tempfile.mkdtemp(prefix="agent-bench-runaway-"))
-    env = setup(root, '[agents.default]\ncommand = ["yes"]\n[dispatcher]\nmax_attempts = 1\n')
-    pid = start(env)
-    try:
-        before = proc_field(pid, "VmHWM:") / 1024
-        queue = Queue(root / "state" / "queue")
+    config = '[agents.default]\ncommand = ["yes"]\n[dispatcher]\nmax_attempts = 1\n'
+    with running_agent("runaway", config) as agent:
+        before = proc_field(agent.pid, "VmHWM:") / 1024
         began = time.monotonic()
         for n in range(messages):
-            queue.enqueue(new_message("local", "go", "bench", "0", message_id=f"r{n}"))
-        failed = queue.failed
+            agent.queue.enqueue(new_message("local", "go", "bench", "0", message_id=f"r{n}"))
+        failed = agent.queue.failed
         while len(list(failed.glob("*.reason"))) < messages:
             if time.monotonic() - began > 300:
                 raise SystemExit("runaway: not every message failed within 300 s")
             time.sleep(0.1)
         took = time.monotonic() - began
-        peak = proc_field(pid, "VmHWM:") / 1024
+        peak = proc_field(agent.pid, "VmHWM:") / 1024
         reason = json.loads(next(failed.glob("*.reason")).read_text())["reason"]
-    finally:
-        agentctl(env, "stop")
     print(
         f"runaway: {messages} runs of `yes` (4 MiB limit each) in {took:.1f} s; "
         f"supervisor peak RSS {before:.1f} MB before, {peak:.1f} MB after "
@@ -82,26 +56,22 @@ def runaway(messages: int) -> None:
 def idle(seconds: float, runtime_dir: Path | None) -> None:
     """What an idle supervisor writes: state.json replacements, bytes sent to the disk
     (/proc/PID/io write_bytes), and its write calls (the pulse)."""
-    root = Path(tempfile.mkdtemp(prefix="agent-bench-idle-", dir="/var/tmp"))
-    env = setup(root, '[agents.default]\ncommand = ["cat"]\n')
     where = "state_dir (standalone)"
+    env = {}
     if runtime_dir is not None:
         env["RUNTIME_DIRECTORY"] = str(runtime_dir)  # as systemd's RuntimeDirectory=
         where = f"{runtime_dir} (tmpfs, as under systemd)"
-    pid = start(env)
-    state = root / "state" / "state.json"
-    try:
+    with running_agent("idle", '[agents.default]\ncommand = ["cat"]\n', env) as agent:
+        state = agent.root / "state" / "state.json"
         time.sleep(2)  # past start-up
-        inode, io = state.stat().st_ino, _io(pid)
+        inode, io = state.stat().st_ino, _io(agent.pid)
         replaced = 0
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             time.sleep(0.25)
             if state.stat().st_ino != inode:
                 replaced, inode = replaced + 1, state.stat().st_ino
-        after = _io(pid)
-    finally:
-        agentctl(env, "stop")
+        after = _io(agent.pid)
     per_minute = 60 / seconds
     disk = (after["write_bytes"] - io["write_bytes"]) * per_minute
     calls = (after["syscw"] - io["syscw"]) * per_minute
