@@ -90,11 +90,12 @@ def start_standalone(config: Config, timeout: float = START_TIMEOUT) -> int:
     check_agent_commands(config)  # the supervisor checks too; this says it once, exit 78
     config.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     with _notify_socket() as (sock, address):
+        out_before = _size(config.log_dir / "supervisor.out")  # what earlier runs wrote
         proc = _spawn_supervisor(config, address)
         status = _wait_for_ready(proc, sock, timeout)
     if status is None:
         return proc.pid
-    failure = AgentError(_start_failure(config, proc, status))
+    failure = AgentError(_start_failure(config, proc, status, out_before))
     if _exit_code(proc) in (EXIT_CONFIG, EXIT_PERMISSION):  # keep the supervisor's verdict
         failure.exit_code = proc.returncode
     raise failure
@@ -195,32 +196,45 @@ def _terminate(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _start_failure(config: Config, proc: subprocess.Popen, status: str) -> str:
+def _start_failure(config: Config, proc: subprocess.Popen, status: str, out_before: int) -> str:
+    """Why this child failed: its last STATUS=, its own saved error, its own output; never
+    what an earlier run left in the state file or in supervisor.out."""
     reason = status.removeprefix("failed: ")
     if "already running" in reason:
         return reason
-    saved_error = _saved_last_error(config)
-    detail = saved_error or _tail(config.log_dir / "supervisor.out")
+    saved_error = _saved_last_error(config, proc.pid)
+    detail = saved_error or _tail(config.log_dir / "supervisor.out", start=out_before)
     message = f"supervisor (pid {proc.pid}) failed to start: {reason}"
     return f"{message}\n{detail}" if detail and detail not in reason else message
 
 
-def _saved_last_error(config: Config) -> str | None:
+def _saved_last_error(config: Config, pid: int) -> str | None:
     try:
         saved = read_state(config.state_path)
     except UnreadableState:
         return None
-    return saved.supervisor.last_error if saved else None
+    if saved is None or saved.supervisor.pid != pid:
+        return None  # an earlier run's, or nothing written yet
+    return saved.supervisor.last_error
 
 
-def _tail(path: Path, lines: int = 5, limit: int = 65536) -> str:
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _tail(path: Path, lines: int = 5, limit: int = 65536, start: int = 0) -> str:
+    """The last lines of what was written to path from byte `start` on."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
     try:
         size = os.fstat(fd).st_size
-        text = os.pread(fd, limit, max(size - limit, 0)).decode(errors="replace")
+        offset = max(size - limit, start)
+        text = os.pread(fd, max(size - offset, 0), offset).decode(errors="replace")
     except OSError:
         return ""
     finally:

@@ -376,3 +376,19 @@ def test_config_after_the_command_version_and_usage_errors(agent_env, tmp_path):
         assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
         done = agentctl("--config", config, *args)  # the quick path says the same
         assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
+
+
+def test_a_failed_start_says_its_own_cause_never_an_earlier_runs(agent_env):
+    state = agent_env.state_dir
+    (state / "logs").mkdir(parents=True)
+    (state / "logs" / "supervisor.out").write_text("OLD OUTPUT LINE from an earlier run\n")
+    earlier = {
+        "supervisor": {"pid": 4_000_000, "phase": "stopped", "last_error": "OLD PROBLEM"},
+        "workers": [],
+    }
+    (state / "state.json").write_text(json.dumps(earlier))
+    (state / "home").write_text("not a directory")  # the agents' homes cannot be made
+    done = agent_env.agentctl("start")
+    assert done.returncode == 78, done.stderr
+    assert f"{state / 'home'}: expected a directory" in done.stderr
+    assert "OLD PROBLEM" not in done.stderr and "OLD OUTPUT LINE" not in done.stderr
