@@ -230,7 +230,11 @@ class Supervisor:
         except errors.AgentError as exc:
             self._reload_verdict(None, str(exc))
             return
-        touched = self._apply_reload(plan)
+        try:
+            touched = self._apply_reload(plan)
+        except errors.AgentError as exc:
+            self._reload_verdict(None, str(exc))
+            return
         self._reload_verdict(plan, None, touched)
 
     def _plan_reload(self) -> ReloadPlan:
@@ -257,6 +261,13 @@ class Supervisor:
         if runner is not None:
             runner.request_stop()
             runner.join(self.config.supervisor.stop_timeout)
+            if runner.is_alive() and runner.mark_shutdown_timeout():
+                # never two of one worker: the straggler stays, in error, and is named
+                raise errors.AgentError(
+                    f"worker {name} did not stop within stop_timeout "
+                    f"{self.config.supervisor.stop_timeout:g}s to take the new configuration; "
+                    "restart the service to apply it"
+                )
             self.runners.remove(runner)
         self.disabled = [d for d in self.disabled if d.name != name]
         worker = build_worker(self.config, name)

@@ -165,3 +165,16 @@ def test_a_message_for_an_agent_added_by_a_reload_is_answered(agent_env, tmp_pat
     assert agent_env.agentctl("reload").returncode == 0
     enqueue(agent_env, "x", "n1", agent="added")
     assert wait_for(lambda: reply(agent_env, "n1"), what="n1")["message"] == "new"
+
+
+def test_a_worker_that_will_not_stop_for_a_reload_is_never_doubled(agent_env):
+    write_agents(agent_env, ["cat"], heartbeat={"interval": 3600})
+    agent_env.start(AGENT_FAULT_INJECT="heartbeat:slow-stop")
+    write_agents(agent_env, ["cat"], heartbeat={"interval": 1800})
+    done = agent_env.agentctl("reload")
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "worker heartbeat did not stop within stop_timeout" in done.stderr
+    code, report = agent_env.status()
+    heartbeats = [w for w in report["workers"] if w["name"] == "heartbeat"]
+    assert len(heartbeats) == 1 and heartbeats[0]["state"] == "error", heartbeats
+    assert code == 2

@@ -238,3 +238,17 @@ def test_a_slack_thread_of_three_messages_resumes_one_claude_session(slack_env, 
     fake.push_event(in_thread("1700000900.000400", root, "U1", "after a restart"))
     wait_for(lambda: len(fake.posted()) == 4, 30, what="the reply after the restart")
     assert fake.posted()[-1].params["text"] == "turn 4: after a restart"
+
+
+def test_a_planted_symlink_at_sessions_json_is_replaced_never_written_through(claude_env, tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("precious\n")
+    claude_env.state_dir.mkdir(parents=True)
+    (claude_env.state_dir / "sessions.json").symlink_to(outside)
+    claude_env.start()
+    enqueue(claude_env, "hi", "l1", conversationId="c")
+    assert answer(claude_env, "l1") == "turn 1: hi"
+    assert outside.read_text() == "precious\n"
+    path = claude_env.state_dir / "sessions.json"
+    assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    assert len(SessionStore(claude_env.state_dir).all()) == 1
