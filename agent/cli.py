@@ -5,10 +5,21 @@ as a bare interpreter start.
 """
 
 import sys
+from dataclasses import dataclass
 
 import click
 
 from agent.errors import AgentError, os_error
+
+JSON_COMMANDS = ("status", "logs", "sessions", "doctor")
+
+
+@dataclass
+class Invocation:
+    """The global options: given before the command, or (--config) after it."""
+
+    config_path: str | None = None
+    json: bool = False
 
 
 class AgentGroup(click.Group):
@@ -43,23 +54,45 @@ class AgentGroup(click.Group):
     help="Config file (TOML). Default: $AGENT_CONFIG, /etc/agent/agent.toml, "
     "else embedded defaults.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help=f"JSON output, for the commands that have it ({', '.join(JSON_COMMANDS)}).",
+)
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None) -> None:
+def main(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     """Run and inspect the agent supervisor."""
-    ctx.obj = config_path
+    ctx.obj = Invocation(config_path, as_json)
+    if as_json and ctx.invoked_subcommand not in (None, *JSON_COMMANDS):
+        raise click.UsageError(
+            f"--json applies to {', '.join(JSON_COMMANDS)}, not to {ctx.invoked_subcommand}"
+        )
+
+
+def _complete_workers(_ctx: click.Context, _param: click.Parameter, incomplete: str) -> list:
+    from agent.states import WORKER_NAMES
+
+    return [name for name in WORKER_NAMES if name.startswith(incomplete)]
+
+
+def _complete_events(_ctx: click.Context, _param: click.Parameter, incomplete: str) -> list:
+    from agent.events import EVENTS
+
+    return [name for name in EVENTS if name.startswith(incomplete)]
 
 
 def _config(ctx: click.Context):
     from agent.config import load_config
 
-    return load_config(ctx.obj)
+    return load_config(ctx.obj.config_path)
 
 
 def _config_for_finding(ctx: click.Context):
     """The config, or (the file became invalid) enough of it to find the supervisor."""
     from agent.config import config_for_finding
 
-    config, broken = config_for_finding(ctx.obj)
+    config, broken = config_for_finding(ctx.obj.config_path)
     if broken:
         click.echo(f"agentctl: warning: {broken}", err=True)
     return config
@@ -131,9 +164,9 @@ def reload(ctx: click.Context, pid: int | None) -> None:
     from agent.errors import ConfigError
 
     try:
-        config = load_config(ctx.obj)
+        config = load_config(ctx.obj.config_path)
     except ConfigError:  # the supervisor reads it too, refuses it and says why ...
-        config = locate_only(ctx.obj)
+        config = locate_only(ctx.obj.config_path)
         if pid is None and not control.supervisor_found(config):
             raise  # ... unless it cannot be found without the file: then we say it
 
@@ -154,7 +187,9 @@ def restart(ctx: click.Context) -> None:
     if control.systemd_manages(config):
         pid = control.restart_systemd()
     else:
-        if ctx.obj is None:  # neither --config nor $AGENT_CONFIG: what the last run used
+        if (
+            ctx.obj.config_path is None
+        ):  # neither --config nor $AGENT_CONFIG: what the last run used
             config = control.recorded_config(config)
         stopped, pid = control.restart_standalone(config)
         click.echo(stopped.message)
@@ -163,12 +198,13 @@ def restart(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@click.option("-l", "--full", is_flag=True, help="Do not cut long values to the terminal's width.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, full: bool) -> None:
     """Supervisor and per-worker health. Exit: 0 healthy, 1 crashed, 2 degraded, 3 stopped."""
     from agent.status import print_status
 
-    ctx.exit(print_status(_config_for_finding(ctx), as_json))
+    ctx.exit(print_status(_config_for_finding(ctx), as_json or ctx.obj.json, full))
 
 
 @main.command()
@@ -182,8 +218,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     help="How many recent events.",
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events until interrupted.")
-@click.option("--worker", help="Only events about this worker.")
-@click.option("--event", "event_name", help="Only this event, e.g. worker.error.")
+@click.option("--worker", shell_complete=_complete_workers, help="Only events about this worker.")
+@click.option(
+    "--event",
+    "event_name",
+    shell_complete=_complete_events,
+    help="Only this event, e.g. worker.error (the names: docs/operations.md).",
+)
 @click.option(
     "--level",
     type=click.Choice(["debug", "info", "warning", "error", "critical"]),
@@ -205,7 +246,16 @@ def logs(
     """Recent structured events, from journald or the JSON-lines log file."""
     from agent.logquery import print_logs
 
-    print_logs(_config_for_finding(ctx), limit, follow, as_json, worker, event_name, level, since)
+    print_logs(
+        _config_for_finding(ctx),
+        limit,
+        follow,
+        as_json or ctx.obj.json,
+        worker,
+        event_name,
+        level,
+        since,
+    )
 
 
 @main.command()
@@ -257,7 +307,7 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
         return
     from agent.sessionsview import print_sessions
 
-    print_sessions(_config(ctx), as_json)
+    print_sessions(_config(ctx), as_json or ctx.obj.json)
 
 
 @sessions.command("reset")
@@ -279,7 +329,7 @@ def doctor(ctx: click.Context, as_json: bool, offline: bool) -> None:
     """Check the installation: ok / warn / fail per check, with a fix. Exit 1 if any fails."""
     from agent.doctor import run_doctor
 
-    ctx.exit(run_doctor(ctx.obj, as_json, offline))
+    ctx.exit(run_doctor(ctx.obj.config_path, as_json or ctx.obj.json, offline))
 
 
 @main.command()
@@ -296,14 +346,14 @@ def init(ctx: click.Context, agent: str | None, force: bool) -> None:
     ~/.config/agent/agent.toml) and print the next command to run."""
     from agent.init import init_config
 
-    written = init_config(ctx.obj, agent, force)
+    written = init_config(ctx.obj.config_path, agent, force)
     click.echo(f"wrote {written.path} (agent {written.agent})")
     click.echo(f"next: {written.next_step}")
 
 
 def _subcommand_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
-        ctx.obj = value  # after the subcommand it wins over the one before it
+        ctx.obj.config_path = value  # after the subcommand it wins over the one before it
 
 
 def _accept_config_after_subcommands(group: click.Group) -> None:

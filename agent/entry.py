@@ -1,7 +1,7 @@
 """The agentctl entry point.
 
 `agentctl status` is what monitoring runs every few seconds and `agentctl logs` what an
-operator runs in a hurry, so their plain forms (after an optional `--config PATH`) skip
+operator runs in a hurry, so their plain forms (global options included) skip
 importing click, which alone costs more than the whole interpreter start (see
 bench/bench_runtime.py and bench/bench_journal_logs.py). Every other command line, --help
 and anything invalid included, goes through click in agent.cli, which owns the errors.
@@ -11,22 +11,18 @@ import sys
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    config_path = None
-    if len(args) >= 2 and args[0] == "--config":
-        config_path, args = args[1], args[2:]
-    elif args and args[0].startswith("--config="):
-        config_path, args = args[0].split("=", 1)[1], args[1:]
-    if args in (["status"], ["status", "--json"]):
-        sys.exit(_quick(config_path, _status, as_json=len(args) == 2))
-    logs_options = _plain_logs_options(args)
-    if logs_options is not None:
-        sys.exit(_quick(config_path, _logs, **logs_options))
+    plain = plain_command(sys.argv[1:])
+    if plain is not None:
+        command, config_path, options = plain
+        sys.exit(_quick(config_path, _status if command == "status" else _logs, **options))
     from agent.cli import main as click_main
 
     click_main()
 
 
+# The plain grammar of `status` and `logs`, a subset of theirs in agent.cli (a test checks
+# each option here against the click definitions): anything else goes to click.
+STATUS_FLAGS = {"--json": "as_json", "-l": "full", "--full": "full"}
 LOGS_VALUES = {
     "-n": "limit",
     "--lines": "limit",
@@ -39,26 +35,56 @@ LOGS_FLAGS = {"-f": "follow", "--follow": "follow", "--json": "as_json"}
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _plain_logs_options(args: list[str]) -> dict | None:
-    """`logs` options when they are all plainly valid; None sends the line to click."""
-    if not args or args[0] != "logs":
-        return None
-    options: dict = {"limit": 20, "follow": False, "as_json": False}
-    rest = args[1:]
-    while rest:
+def plain_command(args: list[str]) -> tuple[str, str | None, dict] | None:
+    """(command, config path, options) for a plainly valid status or logs line, else None."""
+    config_path, as_json, rest = None, False, list(args)
+    while rest and rest[0] not in ("status", "logs"):
         word = rest.pop(0)
-        if word in LOGS_FLAGS:
-            options[LOGS_FLAGS[word]] = True
-        elif word in LOGS_VALUES and rest:
-            options[LOGS_VALUES[word]] = rest.pop(0)
+        if word == "--json":
+            as_json = True
+        elif word == "--config" and rest:
+            config_path = rest.pop(0)
+        elif word.startswith("--config="):
+            config_path = word.split("=", 1)[1]
         else:
             return None
+    if not rest:
+        return None
+    command = rest.pop(0)
+    if command == "status":
+        options = {"as_json": as_json, "full": False}
+        flags, values = STATUS_FLAGS, {}
+    else:
+        options = {"limit": 20, "follow": False, "as_json": as_json}
+        flags, values = LOGS_FLAGS, LOGS_VALUES
+    while rest:
+        word = rest.pop(0)
+        if word in flags:
+            options[flags[word]] = True
+        elif word in values and rest:
+            options[values[word]] = rest.pop(0)
+        elif word == "--config" and rest:
+            config_path = rest.pop(0)
+        elif word.startswith("--config="):
+            config_path = word.split("=", 1)[1]
+        else:
+            return None
+    if command == "logs" and not _plainly_valid_logs(options):
+        return None
+    return command, config_path, options
+
+
+def _plainly_valid_logs(options: dict) -> bool:
+    from agent.events import is_known
+
     if not str(options["limit"]).isdigit() or int(options["limit"]) < 1:
-        return None
+        return False
     if options.get("level") not in (None, *LEVELS):
-        return None
+        return False
+    if options.get("event") is not None and not is_known(options["event"]):
+        return False
     options["limit"] = int(options["limit"])
-    return options
+    return True
 
 
 def _quick(config_path: str | None, command, **options) -> int:
@@ -88,10 +114,10 @@ def _quick(config_path: str | None, command, **options) -> int:
         return 130
 
 
-def _status(config, as_json: bool) -> int:
+def _status(config, as_json: bool, full: bool) -> int:
     from agent.status import print_status
 
-    return print_status(config, as_json)
+    return print_status(config, as_json, full)
 
 
 def _logs(config, **options) -> int:

@@ -53,6 +53,21 @@ def supervisor_health(
     return HEALTHY
 
 
+def degraded_reasons(
+    workers: Iterable[tuple[str, str, Any]], problems: Iterable[str | None] = ()
+) -> list[str]:
+    """Why the supervisor is degraded: its own problems, then `name: reason` for each
+    worker (name, state, detail) that is degraded, or `name: state` for one in error or hung."""
+    reasons = [p for p in problems if p]
+    for name, state, detail in workers:
+        why = degraded_reason(state, detail)
+        if why:
+            reasons.append(f"{name}: {why}")
+        elif state in UNHEALTHY_STATES:
+            reasons.append(f"{name}: {state}")
+    return reasons
+
+
 def status_line(health: str, workers: Iterable[tuple[str, str]], problem: str | None) -> str:
     """The supervisor's STATUS= text: health, then name=state per worker, then its problem."""
     line = f"{health}: " + " ".join(f"{name}={state}" for name, state in workers)

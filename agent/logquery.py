@@ -79,6 +79,13 @@ def _check_worker(worker: str | None) -> None:
         raise UsageError(f"--worker: expected one of {', '.join(WORKER_NAMES)}; got {worker!r}")
 
 
+def _check_event(name: str | None) -> None:
+    from agent.events import is_known, unknown_event_message
+
+    if name is not None and not is_known(name):
+        raise UsageError(f"--event: {unknown_event_message(name)}")
+
+
 def _severity(level: str | None) -> int:
     return -PRIORITY_OF_LEVEL.get(level or "info", 6)
 
@@ -499,6 +506,7 @@ def print_logs(
 ) -> None:
     """`agentctl logs`: the last `limit` matching events, then new ones with `follow`."""
     _check_worker(worker)
+    _check_event(event)
     flt = LogFilter(
         worker=worker, event=event, level=level, since=parse_since(since) if since else None
     )

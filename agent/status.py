@@ -14,7 +14,7 @@ from typing import Any
 from agent import errors
 from agent.clock import parse_iso
 from agent.config import Config
-from agent.health import is_hung, supervisor_health
+from agent.health import degraded_reasons, is_hung, supervisor_health
 from agent.lock import probe
 from agent.state import (
     PreviousRun,
@@ -26,6 +26,9 @@ from agent.state import (
 )
 from agent.states import ALIVE_STATES, LIVE_PHASES, WorkerState
 
+# What status calls a worker whose supervisor crashed while it was alive; `last_state`
+# keeps the state it was last seen in, and its heartbeat age says when it went silent.
+CRASHED = "crashed"
 STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state file counts
 
 
@@ -45,20 +48,22 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
 
     state = _supervisor_state(lock.held, sup.phase)
     for worker in workers:
-        _derive_worker(worker, state == "running", now, hang_timeout)
+        _derive_worker(worker, state, now, hang_timeout)
     last_error = unreadable or sup.last_error
     problems = [unreadable, sup.last_error]
     if state == "running":
         problems += [lock.problem, sup.degraded, _stale(sup, now, hang_timeout)]
         last_error = next((p for p in problems if p), None)
-    health = None
+    health, reasons = None, []
     if state == "running":
         health = supervisor_health([(w["state"], w["detail"]) for w in workers], problems)
+        reasons = degraded_reasons([(w["name"], w["state"], w["detail"]) for w in workers])
 
     report = {
         "supervisor": {
             "state": state,
             "health": health,
+            "degraded_reasons": reasons,
             "pid": lock.pid if lock.held else sup.pid,
             "started_at": sup.started_at,
             "uptime_s": _uptime(sup, now) if state == "running" else None,
@@ -136,15 +141,17 @@ def _supervisor_state(lock_held: bool, phase: str | None) -> str:
 
 
 def _derive_worker(
-    worker: dict[str, Any], supervisor_alive: bool, now: float, hang_timeout: float
+    worker: dict[str, Any], supervisor: str, now: float, hang_timeout: float
 ) -> None:
     beat = worker.get("last_heartbeat")
     age = round(max(now - parse_iso(beat), 0.0), 1) if beat else None
     worker["heartbeat_age_s"] = age
-    if not supervisor_alive:
-        if worker["state"] in ALIVE_STATES:
-            worker["state"] = str(WorkerState.STOPPED)  # its process is gone
-        worker["heartbeat_age_s"] = None
+    if supervisor != "running":
+        if worker["state"] in ALIVE_STATES:  # its process is gone
+            worker["last_state"] = worker["state"]
+            worker["state"] = CRASHED if supervisor == "crashed" else str(WorkerState.STOPPED)
+        if worker["state"] != CRASHED:
+            worker["heartbeat_age_s"] = None
         return
     if is_hung(worker["state"], age, hang_timeout):
         worker["state"] = str(WorkerState.HUNG)
@@ -176,7 +183,8 @@ def status_exit_code(report: dict[str, Any]) -> int:
     return errors.STATUS_HEALTHY if sup["health"] == "healthy" else errors.STATUS_DEGRADED
 
 
-def render_status(report: dict[str, Any]) -> str:
+def render_status(report: dict[str, Any], width: int | None = None) -> str:
+    """The human report; with a width, long values are cut to it (--json has them whole)."""
     sup = report["supervisor"]
     headline = f"agent supervisor: {sup['state']}"
     if sup["health"]:
@@ -193,15 +201,19 @@ def render_status(report: dict[str, Any]) -> str:
     if sup["state"] != "running":
         rows.append(("outcome", sup.get("outcome")))
         rows.append(("stopped", sup.get("stopped_at")))
+    if sup.get("degraded_reasons"):
+        rows.append(("degraded", "; ".join(sup["degraded_reasons"])))
     rows.append(("last error", sup.get("last_error")))
     unit = report.get("systemd")
     if unit:
         rows.append(("systemd", _unit_line(unit)))
     for key, value in rows:
-        lines.append(f"  {key + ':':<12}{'-' if value is None else value}")
+        lines.append(_cut(f"  {key + ':':<12}{'-' if value is None else value}", width))
     if report["workers"]:
         lines.append("")
-        lines.append(_worker_table(report["workers"]))
+        if sup["state"] == "crashed":
+            lines.append("Workers as last recorded before the crash:")
+        lines.append(_worker_table(report["workers"], width))
     return "\n".join(lines)
 
 
@@ -223,26 +235,62 @@ def _started(sup: dict[str, Any]) -> str | None:
     return f"{sup['started_at']} (up {_duration(sup['uptime_s'])})"
 
 
-def _worker_table(workers: list[dict[str, Any]]) -> str:
-    header = ("WORKER", "STATE", "HEARTBEAT", "RESTARTS", "DETAIL", "LAST ERROR")
-    rows = [header]
-    for w in workers:
-        age = w.get("heartbeat_age_s")
-        rows.append(
-            (
-                w["name"],
-                w["state"],
-                "-" if age is None else f"{age:.1f}s ago",
-                str(w.get("restarts", 0)),
-                _detail_text(w.get("detail") or {}),
-                w.get("last_error") or "-",
-            )
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
-        for row in rows
+# The fixed columns; DETAIL and LAST ERROR share what the terminal leaves.
+COLUMNS = (("WORKER", 10), ("STATE", 12), ("HEARTBEAT", 10), ("RESTARTS", 8))
+MIN_FREE_COLUMNS = 30
+
+
+def _worker_table(workers: list[dict[str, Any]], width: int | None) -> str:
+    rows = [_worker_row(w) for w in workers]
+    detail_width, error_width = _free_widths(rows, width)
+    header = (*(name for name, _ in COLUMNS), "DETAIL", "LAST ERROR")
+    lines = [_table_line(header, detail_width, error_width)]
+    lines += [_table_line(row, detail_width, error_width) for row in rows]
+    return "\n".join(lines)
+
+
+def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
+    age = w.get("heartbeat_age_s")
+    detail = dict(w.get("detail") or {})
+    # a problem the worker reports in its detail belongs in LAST ERROR, not DETAIL
+    degraded, detail_error = detail.pop("degraded", None), detail.pop("last_error", None)
+    state = w["state"]
+    if state == CRASHED and w.get("last_state"):
+        state = f"was {w['last_state']}"
+    return (
+        w["name"],
+        state,
+        "-" if age is None else f"{age:.1f}s ago",
+        str(w.get("restarts", 0)),
+        _detail_text(detail),
+        str(w.get("last_error") or degraded or detail_error or "-"),
     )
+
+
+def _free_widths(rows: list[tuple[str, ...]], width: int | None) -> tuple[int, int | None]:
+    """DETAIL's column width and LAST ERROR's cut (None: no cut)."""
+    detail = max([len("DETAIL")] + [len(row[4]) for row in rows])
+    error = max([len("LAST ERROR")] + [len(row[5]) for row in rows])
+    if width is None:
+        return detail, None
+    free = max(width - sum(w + 2 for _, w in COLUMNS) - 2, MIN_FREE_COLUMNS)
+    if detail + error <= free:
+        return detail, error
+    detail = min(detail, max(free // 2, free - error))
+    return detail, free - detail
+
+
+def _table_line(row: tuple[str, ...], detail_width: int, error_width: int | None) -> str:
+    cells = [_cut(cell, w).ljust(w) for cell, (_, w) in zip(row, COLUMNS, strict=False)]
+    cells.append(_cut(row[4], detail_width).ljust(detail_width))
+    cells.append(row[5] if error_width is None else _cut(row[5], error_width))
+    return "  ".join(cells).rstrip()
+
+
+def _cut(text: str, width: int | None) -> str:
+    if width is None or len(text) <= width:
+        return text
+    return text[: max(width - 1, 0)] + "\u2026"
 
 
 def _detail_text(detail: dict[str, Any]) -> str:
@@ -272,7 +320,17 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def print_status(config: Config, as_json: bool) -> int:
+def output_width(full: bool) -> int | None:
+    """Cut to the terminal (or $COLUMNS) unless --full or the output is not a terminal."""
+    import os
+    import shutil
+
+    if full or not (sys.stdout.isatty() or os.environ.get("COLUMNS")):
+        return None
+    return shutil.get_terminal_size().columns
+
+
+def print_status(config: Config, as_json: bool, full: bool = False) -> int:
     """Print the report (human or JSON) and return the documented exit code."""
     report = collect_status(config)
     unreadable = report["supervisor"].get("unreadable_state")
@@ -285,5 +343,5 @@ def print_status(config: Config, as_json: bool) -> int:
 
         write(json.dumps(report, indent=2)) and flush()
     else:
-        write(render_status(report)) and flush()
+        write(render_status(report, output_width(full))) and flush()
     return status_exit_code(report)

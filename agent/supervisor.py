@@ -24,7 +24,7 @@ from agent.children import ChildProcesses
 from agent.clock import iso_utc
 from agent.config import Config, load_config
 from agent.faults import ENV_VAR, parse_faults
-from agent.health import degraded_reason, is_hung, status_line, supervisor_health
+from agent.health import degraded_reasons, is_hung, status_line, supervisor_health
 from agent.lock import SupervisorLock
 from agent.log import event, set_level, shutdown_logging
 from agent.notify import Notifier
@@ -454,11 +454,10 @@ class Supervisor:
     def _status_line(self) -> str:
         """STATUS=: health, name=state per worker, then why it is degraded, if it is."""
         workers = [(r.name, str(r.state)) for r in self.runners]
-        reasons = [p for p in (self.problem, self.state_error) if p]
-        for runner in self.runners:
-            why = degraded_reason(runner.state, runner.health_detail())
-            if why:
-                reasons.append(f"{runner.name}: {why}")
+        reasons = degraded_reasons(
+            [(r.name, str(r.state), r.health_detail()) for r in self.runners],
+            [self.problem, self.state_error],
+        )
         return status_line(self.health(), workers, "; ".join(reasons)[:400] or None)
 
     def _update_status_line(self) -> None:

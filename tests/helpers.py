@@ -114,7 +114,12 @@ class AgentEnv:
         path = self.state_dir / "logs" / "agent.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        from agent.events import EVENTS
+
+        unknown = {r.get("event") for r in records} - set(EVENTS) - {None}
+        assert not unknown, f"events logged but not registered in agent/events.py: {unknown}"
+        return records
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.log_records() if r.get("event") == name]

@@ -1,5 +1,6 @@
 """Integration: real agentctl processes against a temporary state_dir."""
 
+import contextlib
 import json
 import os
 import signal
@@ -170,7 +171,7 @@ def test_kill_9_shows_crashed_and_the_next_start_recovers(agent_env):
     assert code == 1
     assert report["supervisor"]["state"] == "crashed"
     assert report["supervisor"]["health"] is None
-    assert {w["state"] for w in report["workers"]} == {"stopped", "disabled"}
+    assert {w["state"] for w in report["workers"]} == {"crashed", "disabled"}
     assert "crashed" in agent_env.agentctl("status").stdout
 
     new_pid = agent_env.start()
@@ -376,6 +377,19 @@ def test_config_after_the_command_version_and_usage_errors(agent_env, tmp_path):
         assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
         done = agentctl("--config", config, *args)  # the quick path says the same
         assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
+    # --json before the command as well as after it, where it applies; refused elsewhere
+    for args in (["--json", "status"], ["status", "--json"], ["--json", "--config", config]):
+        args = [*args, "status"] if args[-1] == config else args
+        done = agentctl(*args, "--config", config)
+        assert json.loads(done.stdout)["supervisor"]["pid"] == pid, args
+    for args in (["--json", "logs", "-n", "3"], ["--json", "logs", "--worker", "queue", "-n", "3"]):
+        lines = agentctl(*args, "--config", config).stdout.splitlines()
+        assert lines and all(json.loads(line)["ts"] for line in lines), args
+    doctor = agentctl("--json", "doctor", "--offline", "--config", config)
+    assert json.loads(doctor.stdout.splitlines()[0]), doctor.stdout
+    refused = agentctl("--json", "stop", "--config", config)
+    assert refused.returncode == 2 and "--json applies to status, logs" in refused.stderr
+    assert pid_alive(pid)
 
 
 def test_a_failed_start_says_its_own_cause_never_an_earlier_runs(agent_env):
@@ -392,3 +406,36 @@ def test_a_failed_start_says_its_own_cause_never_an_earlier_runs(agent_env):
     assert done.returncode == 78, done.stderr
     assert f"{state / 'home'}: expected a directory" in done.stderr
     assert "OLD PROBLEM" not in done.stderr and "OLD OUTPUT LINE" not in done.stderr
+
+
+def test_run_in_a_terminal_prints_human_lines_and_still_logs_to_the_sink(agent_env):
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run"],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env=agent_env.cmd_env(),
+    )
+    os.close(follower)
+    seen = b""
+
+    def ready_line_seen() -> bool:
+        nonlocal seen
+        if select.select([leader], [], [], 0.2)[0]:
+            with contextlib.suppress(OSError):  # the terminal closed: the process ended
+                seen += os.read(leader, 4096)
+        return b"supervisor.ready supervisor ready" in seen
+
+    try:
+        wait_for(ready_line_seen, timeout=20, what="a human 'supervisor.ready' line on the tty")
+        line = next(x for x in seen.decode().splitlines() if "supervisor.ready" in x)
+        assert " info supervisor.ready " in line and not line.lstrip().startswith("{")
+        assert agent_env.events("supervisor.ready"), "the sink did not get the event too"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        os.close(leader)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 
 from agent.errors import AgentError
@@ -154,22 +155,68 @@ def test_agentctl_logs_follow_prints_new_events(agent_env):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["logs"], {"limit": 20, "follow": False, "as_json": False}),
+        (["logs"], ("logs", None, {"limit": 20, "follow": False, "as_json": False})),
         (
             ["logs", "-n", "5", "--worker", "queue", "--json", "-f", "--level", "error"],
-            {"limit": 5, "follow": True, "as_json": True, "worker": "queue", "level": "error"},
+            (
+                "logs",
+                None,
+                {"limit": 5, "follow": True, "as_json": True, "worker": "queue", "level": "error"},
+            ),
         ),
+        (
+            ["--json", "--config", "a.toml", "logs", "--event", "worker.error"],
+            (
+                "logs",
+                "a.toml",
+                {"limit": 20, "follow": False, "as_json": True, "event": "worker.error"},
+            ),
+        ),
+        (
+            ["status", "--config=b.toml", "-l"],
+            ("status", "b.toml", {"as_json": False, "full": True}),
+        ),
+        (["--json", "status"], ("status", None, {"as_json": True, "full": False})),
         (["logs", "-n", "0"], None),  # invalid: click says why
         (["logs", "--level", "loud"], None),
+        (["logs", "--event", "no.such.event"], None),
         (["logs", "--help"], None),
         (["logs", "--worker"], None),
-        (["status"], None),
+        (["--json", "start"], None),
+        (["status", "--bogus"], None),
     ],
 )
-def test_plain_logs_lines_skip_click_and_the_rest_go_to_it(args, expected):
-    from agent.entry import _plain_logs_options
+def test_plain_status_and_logs_lines_skip_click_and_the_rest_go_to_it(args, expected):
+    from agent.entry import plain_command
 
-    assert _plain_logs_options(args) == expected
+    assert plain_command(args) == expected
+
+
+def test_the_fast_grammar_is_a_subset_of_the_click_commands():
+    """Every option entry.py accepts without click exists on the click command, with the
+    same kind (flag or value), so the two grammars cannot drift apart."""
+    from agent import entry
+    from agent.cli import main
+
+    def kinds(command) -> dict[str, bool]:
+        return {
+            name: param.is_flag
+            for param in command.params
+            if isinstance(param, click.Option)
+            for name in param.opts
+        }
+
+    assert kinds(main)["--json"] and not kinds(main)["--config"]
+    status, logs = kinds(main.commands["status"]), kinds(main.commands["logs"])
+    for name in entry.STATUS_FLAGS:
+        assert status[name] is True, name
+    for name in entry.LOGS_FLAGS:
+        assert logs[name] is True, name
+    for name in entry.LOGS_VALUES:
+        assert logs[name] is False, name
+    assert not logs["--config"] and not status["--config"]
+    level = next(p for p in main.commands["logs"].params if p.name == "level")
+    assert tuple(level.type.choices) == entry.LEVELS
 
 
 def test_journal_field_names_round_trip():

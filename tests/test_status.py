@@ -103,9 +103,9 @@ agent supervisor: running (healthy)
   logs:       file
   last error: -
 
-WORKER  STATE     HEARTBEAT  RESTARTS  DETAIL   LAST ERROR
-queue   running   0.4s ago   0         depth=3  -
-slack   disabled  -          0         -        -"""
+WORKER      STATE         HEARTBEAT   RESTARTS  DETAIL   LAST ERROR
+queue       running       0.4s ago    0         depth=3  -
+slack       disabled      -           0         -        -"""
     )
 
 
@@ -137,9 +137,18 @@ def test_state_says_running_but_nobody_holds_the_lock_is_crashed(config):
         "crashed",
         "crashed",
     )
-    assert report["workers"][0]["state"] == "stopped"
-    assert report["workers"][0]["heartbeat_age_s"] is None
+    queue, slack = report["workers"]
+    # the last state it was seen in, and how long ago it went silent; not "stopped"
+    assert (queue["state"], queue["last_state"], queue["heartbeat_age_s"]) == (
+        "crashed",
+        "running",
+        0.4,
+    )
+    assert slack["state"] == "disabled"
     assert status_exit_code(report) == 1
+    text = render_status(report)
+    assert "Workers as last recorded before the crash:" in text
+    assert "queue       was running   0.4s ago" in text
 
 
 def test_clean_stop_and_never_started(config):
@@ -211,3 +220,60 @@ def test_a_bad_pulse_file_is_ignored(agent_env, content):
     done = agent_env.agentctl("status", "--json")
     assert done.returncode in (0, 2) and "Traceback" not in done.stderr
     json.loads(done.stdout)
+
+
+LONG = "agent default: 5 runs failed in a row: exit status 7: " + "the agent explains " * 20
+
+
+def degraded_dispatcher() -> dict:
+    state = saved()
+    state["workers"].append(
+        {
+            "name": "dispatcher",
+            "state": "running",
+            "last_heartbeat": "2026-11-24T07:00:09.600Z",
+            "restarts": 0,
+            "last_error": None,
+            "detail": {
+                "degraded": LONG,
+                "done": 4,
+                "last_error": "m1: exit status 7",
+                "pending": 5,
+            },
+        }
+    )
+    return state
+
+
+def test_a_workers_problem_is_in_last_error_and_its_detail_keeps_the_counts(config, held):
+    write_state(config.state_path, degraded_dispatcher())
+    report = collect_status(config, now=NOW)
+    assert report["supervisor"]["health"] == "degraded"
+    assert report["supervisor"]["degraded_reasons"] == [f"dispatcher: {LONG}"]
+    text = render_status(report)  # not a terminal: nothing is cut
+    row = next(line for line in text.splitlines() if line.startswith("dispatcher"))
+    assert "done=4 pending=5" in row and "degraded=" not in row and "last_error=" not in row
+    assert row.endswith(LONG.rstrip())
+    assert f"  degraded:   dispatcher: {LONG}".rstrip() in text
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 200])
+def test_long_values_are_cut_to_the_terminal_width_and_columns_stay_fixed(config, held, width):
+    write_state(config.state_path, degraded_dispatcher())
+    text = render_status(collect_status(config, now=NOW), width)
+    lines = text.splitlines()
+    table = lines[lines.index("") + 1 :]
+    assert all(len(line) <= max(width, 80) for line in lines), "a line is wider than asked"
+    assert any(line.endswith("\u2026") for line in lines), "the long reason was not cut"
+    # the fixed columns start at the same place in every row, whatever the values
+    for column in ("STATE", "HEARTBEAT", "RESTARTS", "DETAIL"):
+        start = table[0].index(column)
+        assert all(row[start - 2 : start] == "  " for row in table[1:]), column
+    assert "done=4" in text
+
+
+def test_json_keeps_the_whole_text(config, held):
+    write_state(config.state_path, degraded_dispatcher())
+    report = json.loads(json.dumps(collect_status(config, now=NOW)))
+    dispatcher = next(w for w in report["workers"] if w["name"] == "dispatcher")
+    assert dispatcher["detail"]["degraded"] == LONG
