@@ -32,7 +32,11 @@ CRASHED = "crashed"
 STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state file counts
 
 
-def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
+def collect_status(
+    config: Config, now: float | None = None, unit_facts: bool = True
+) -> dict[str, Any]:
+    """The report; unit_facts=False skips asking systemd (a `systemctl show` costs more
+    than the rest of status together), which the quick human form does while running."""
     now = time.time() if now is None else now
     saved, unreadable = _saved_state(config)
     saved = _with_pulse(saved)
@@ -80,6 +84,8 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
         },
         "workers": [_ordered(w, WORKER_KEYS) for w in workers],
     }
+    if not unit_facts and state == "running":
+        return report
     from agent.systemd_unit import merge_unit_facts  # systemd's view, when it manages us
 
     return merge_unit_facts(report, config)
@@ -321,18 +327,23 @@ def _duration(seconds: float) -> str:
 
 
 def output_width(full: bool) -> int | None:
-    """Cut to the terminal (or $COLUMNS) unless --full or the output is not a terminal."""
+    """Cut to $COLUMNS or the terminal, unless --full or the output is not a terminal."""
     import os
-    import shutil
 
-    if full or not (sys.stdout.isatty() or os.environ.get("COLUMNS")):
+    columns = os.environ.get("COLUMNS", "")
+    if full:
         return None
-    return shutil.get_terminal_size().columns
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
+    except OSError:
+        return None
 
 
 def print_status(config: Config, as_json: bool, full: bool = False) -> int:
     """Print the report (human or JSON) and return the documented exit code."""
-    report = collect_status(config)
+    report = collect_status(config, unit_facts=as_json or full)
     unreadable = report["supervisor"].get("unreadable_state")
     if unreadable:
         print(f"agentctl: warning: {unreadable}; ignoring it", file=sys.stderr)

@@ -165,8 +165,11 @@ def test_status_json_reports_systemd_and_running_workers(guest):
     assert (unit["active_state"], unit["sub_state"]) == ("active", "running")
     assert unit["main_pid"] == sup["pid"]
     human = guest.run(["agentctl", "status"], check=False).stdout
-    assert "running (degraded)" in human and "no agent configured" in human and "systemd" in human
-    assert f"agent.service active (running), main pid {sup['pid']}, result success" in human
+    assert "running (degraded)" in human and "no agent configured" in human
+    assert "manager:    systemd" in human
+    assert "agent.service active" not in human  # the quick form does not ask systemd
+    full = guest.run(["agentctl", "status", "-l"], check=False).stdout
+    assert f"agent.service active (running), main pid {sup['pid']}, result success" in full
 
 
 def test_an_idle_service_keeps_its_pulse_in_run_and_leaves_state_json_alone(guest):
