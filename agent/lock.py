@@ -185,6 +185,8 @@ def probe(path: Path, claimed_pid: int | None = None) -> LockProbe:
         return LockProbe(held=True, pid=_agreed(path, claimed_pid) or holder_pid(path))
     if _shared_probe(path.parent, directory=True):
         return LockProbe(held=False, pid=None)
+    if not _shared_probe(path):  # a supervisor took both locks between our two probes
+        return LockProbe(held=True, pid=_agreed(path, claimed_pid) or holder_pid(path))
     # The directory is locked but agent.lock is not: its file was deleted or replaced.
     return LockProbe(held=True, pid=holder_pid(path), problem=lock_lost_reason(path))
 

@@ -61,7 +61,9 @@ def collect_status(
     health, reasons = None, []
     if state == "running":
         health = supervisor_health([(w["state"], w["detail"]) for w in workers], problems)
-        reasons = degraded_reasons([(w["name"], w["state"], w["detail"]) for w in workers])
+        reasons = degraded_reasons(
+            [(w["name"], w["state"], w["detail"]) for w in workers], problems
+        )
 
     report = {
         "supervisor": {
