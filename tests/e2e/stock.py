@@ -8,11 +8,12 @@ Standard library only, like guest.py (whose pieces it reuses).
   container images, or on a machine whose lists went stale: `apt-get update` comes first).
   No python3-venv, no ca-certificates. Cached under CACHE_DIR as stock-HASH, keyed by this
   recipe, apart from the e2e guest's rootfs.
-- machine: each run gets an overlayfs over the cache, so it starts from the stock tree and
-  the cache stays pristine. systemd-nspawn runs it without --boot (PID 1 is nspawn's stub
-  init, the payload only waits for the end) and without --private-network, so apt and pip
-  reach the registries as on the host. Commands enter with nsenter; `login()` runs a
-  script in `su - admin`, a login shell in the user's home.
+- machine: each run gets an overlayfs over the cache, its writable layer on a tmpfs, so it
+  starts from the stock tree, the cache stays pristine and nothing is synced or deleted on
+  disk afterwards. systemd-nspawn runs it without --boot (PID 1 is nspawn's stub init, the
+  payload only waits for the end) and without --private-network, so apt and pip reach the
+  registries as on the host. Commands enter with nsenter; `login()` runs a script in
+  `su - admin`, a login shell in the user's home.
 - trust: the host's extra CAs (/usr/local/share/ca-certificates, e.g. a TLS-intercepting
   proxy's) are bound read-only under the guest's /usr/local/share/ca-certificates, where
   Debian's update-ca-certificates picks them up when ca-certificates gets installed; the
@@ -60,6 +61,7 @@ HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "chroot")
 HOST_CAS = Path("/usr/local/share/ca-certificates")
 GUEST_CAS = "/usr/local/share/ca-certificates/host"
 UP = "/run/stock-up"  # the payload's sign that the machine runs
+SCRATCH = "2g"  # the tmpfs under the overlay: apt, the venv and pip's cache take ~200 MB
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 
@@ -169,7 +171,10 @@ class Machine:
         self.teardown()
 
     def mount(self) -> None:
+        """The overlay, its writable layer in memory: nothing to sync or delete on disk."""
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/var/tmp"))
+        scratch = f"mode=0700,size={SCRATCH}"
+        _check(["mount", "-t", "tmpfs", "-o", scratch, "tmpfs", str(self.run_dir)])
         upper, work, self.merged = (self.run_dir / d for d in ("upper", "work", "root"))
         for d in (upper, work, self.merged):
             d.mkdir()
@@ -307,10 +312,11 @@ class Machine:
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()
         self.leader = None
-        if self.merged is not None and os.path.ismount(self.merged):
-            done = subprocess.run(["umount", str(self.merged)], capture_output=True, check=False)
-            if done.returncode != 0:
-                subprocess.run(["umount", "-l", str(self.merged)], capture_output=True, check=False)
+        for mount in (self.merged, self.run_dir):  # the overlay, then the tmpfs under it
+            if mount is not None and os.path.ismount(mount):
+                done = subprocess.run(["umount", str(mount)], capture_output=True, check=False)
+                if done.returncode != 0:
+                    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
         for cg in self.cgroups:
             _remove_cgroup(cg)
         for d in (
@@ -321,7 +327,7 @@ class Machine:
         ):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
-        if self.run_dir is not None and not (self.merged and os.path.ismount(self.merged)):
+        if self.run_dir is not None and not os.path.ismount(self.run_dir):
             shutil.rmtree(self.run_dir, ignore_errors=True)
         problems = self.leftovers()
         if problems:
