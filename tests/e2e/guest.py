@@ -68,13 +68,13 @@ def log(message: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def cannot_boot_reason() -> str | None:
-    """Why this machine cannot boot a systemd container, or None when it can."""
+def cannot_boot_reason(tools: Sequence[str] = HOST_TOOLS) -> str | None:
+    """Why this machine cannot boot a systemd container (with these host tools), or None."""
     if sys.platform != "linux":
         return "needs Linux"
     if os.geteuid() != 0:
         return "needs root (systemd-nspawn, overlay mounts, cgroups)"
-    missing = [t for t in HOST_TOOLS if not shutil.which(t, path=SYSPATH)]
+    missing = [t for t in tools if not shutil.which(t, path=SYSPATH)]
     if missing:
         return (
             f"missing host tools: {', '.join(missing)}; install them with "
@@ -192,16 +192,7 @@ def ensure_agent_clis() -> Path:
 def build_deb(out_dir: Path) -> Path:
     """Build agent_*.deb from this checkout (tracked and untracked files) in a scratch copy."""
     src = out_dir / "src"
-    for name in _source_files():
-        source = REPO / name
-        if not source.exists() and not source.is_symlink():
-            continue  # deleted in the work tree
-        target = src / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_symlink():
-            target.symlink_to(os.readlink(source))
-        else:
-            shutil.copy2(source, target)
+    copy_sources(src)
     if not (src / "README.md").exists():  # pyproject names it; the lead's README may be pending
         (src / "README.md").write_text("# agent\n")
     log("dpkg-buildpackage -us -uc -b")
@@ -221,6 +212,20 @@ def build_deb(out_dir: Path) -> Path:
         raise GuestError(f"dpkg-buildpackage made no agent_*_all.deb in {out_dir}")
     log(f"built {debs[-1].name} in {time.monotonic() - started:.0f} s")
     return debs[-1]
+
+
+def copy_sources(dest: Path) -> None:
+    """Copy this checkout's files (see _source_files) under dest."""
+    for name in _source_files():
+        source = REPO / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the work tree
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, target)
 
 
 def _source_files() -> list[str]:

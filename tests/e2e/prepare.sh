@@ -3,7 +3,7 @@
 # Debian 12 host, and build the guest root file system cache. Safe to run again: it skips
 # whatever is already there.
 #
-#   bash tests/e2e/prepare.sh            # host packages + cached guest rootfs
+#   bash tests/e2e/prepare.sh            # host packages + cached guest and stock rootfs
 #   bash tests/e2e/prepare.sh --no-rootfs  # host packages only (the tests build the rootfs on demand)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -39,4 +39,5 @@ if [ "${1:-}" != "--no-rootfs" ]; then
     cd "$HERE/../.."
     /usr/bin/python3 -m tests.e2e.guest rootfs
     /usr/bin/python3 -m tests.e2e.guest clis
+    /usr/bin/python3 -m tests.e2e.stock rootfs   # the stock Debian of test_quickstart.py
 fi

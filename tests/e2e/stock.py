@@ -1,0 +1,374 @@
+"""A stock Debian 12, as a person has it before following the README's quickstart.
+
+Standard library only, like guest.py (whose pieces it reuses).
+
+- rootfs: `debootstrap --variant=minbase bookworm` with python3 and sudo only; an ordinary
+  user `admin` whose sudo needs no password (as on Debian's cloud images), /etc/hostname
+  and /etc/hosts as the installer writes them, and no apt package lists (as in Debian's
+  container images, or on a machine whose lists went stale: `apt-get update` comes first).
+  No python3-venv, no ca-certificates. Cached under CACHE_DIR as stock-HASH, keyed by this
+  recipe, apart from the e2e guest's rootfs.
+- machine: each run gets an overlayfs over the cache, its writable layer on a tmpfs, so it
+  starts from the stock tree, the cache stays pristine and nothing is synced or deleted on
+  disk afterwards. systemd-nspawn runs it without --boot (PID 1 is nspawn's stub init, the
+  payload only waits for the end) and without --private-network, so apt and pip reach the
+  registries as on the host. Commands enter with nsenter; `login()` runs a script in
+  `su - admin`, a login shell in the user's home.
+- trust: the host's extra CAs (/usr/local/share/ca-certificates, e.g. a TLS-intercepting
+  proxy's) are bound read-only under the guest's /usr/local/share/ca-certificates, where
+  Debian's update-ca-certificates picks them up when ca-certificates gets installed; the
+  venv's pip (Debian's wheel) trusts /etc/ssl/certs/ca-certificates.crt. Nothing else of
+  the host's package-client configuration (pip.conf, PIP_*, wheel dirs) goes in.
+
+    python3 -m tests.e2e.stock rootfs   # build (or reuse) the cached stock rootfs
+    python3 -m tests.e2e.stock shell    # a stock machine with this checkout in ~admin/agent
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.e2e.guest import (
+    CACHE_DIR,
+    SUITE,
+    SYSPATH,
+    GuestError,
+    _cgroup_roots,
+    _check,
+    _child_of,
+    _host_env,
+    _mirror,
+    _remove_cgroup,
+    cannot_boot_reason,
+    copy_sources,
+    log,
+    sigterm_interrupts,
+)
+
+STOCK_PACKAGES = ("python3", "sudo")
+USER = "admin"
+HOSTNAME = "debian"
+HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "chroot")
+HOST_CAS = Path("/usr/local/share/ca-certificates")
+GUEST_CAS = "/usr/local/share/ca-certificates/host"
+UP = "/run/stock-up"  # the payload's sign that the machine runs
+SCRATCH = "2g"  # the tmpfs under the overlay: apt, the venv and pip's cache take ~200 MB
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+
+
+def cannot_run_reason() -> str | None:
+    return cannot_boot_reason(HOST_TOOLS)
+
+
+def stock_key() -> str:
+    text = "\n".join([SUITE, "minbase", *sorted(STOCK_PACKAGES), USER, HOSTNAME, "no-lists", "v1"])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def ensure_stock_rootfs() -> Path:
+    """The cached stock rootfs, made by debootstrap (~35-75 s) the first time."""
+    root = CACHE_DIR / f"stock-{stock_key()}"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its result
+        if root.is_dir():  # renamed into place only when complete
+            return root
+        tmp = CACHE_DIR / f".stock-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"debootstrap {SUITE} minbase + {','.join(STOCK_PACKAGES)} -> {root} (once)")
+        started = time.monotonic()
+        argv = ["debootstrap", "--variant=minbase", f"--include={','.join(STOCK_PACKAGES)}"]
+        done = subprocess.run(
+            [*argv, SUITE, str(tmp), _mirror()],
+            capture_output=True,
+            text=True,
+            env=_host_env(),
+            check=False,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            output = (done.stdout + done.stderr)[-3000:]
+            raise GuestError(f"debootstrap failed ({done.returncode}):\n{output}")
+        try:
+            _make_stock(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        tmp.rename(root)
+        log(f"stock rootfs ready in {time.monotonic() - started:.0f} s")
+        return root
+
+
+def _make_stock(tree: Path) -> None:
+    """What an installed machine has beyond debootstrap: a name, a user with sudo."""
+    (tree / "etc/hostname").write_text(f"{HOSTNAME}\n")
+    (tree / "etc/hosts").write_text(
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\n"
+        "ff02::2\tip6-allrouters\n"
+    )
+    done = subprocess.run(
+        ["chroot", str(tree), "useradd", "--create-home", "--shell", "/bin/bash", USER],
+        capture_output=True,
+        text=True,
+        env=_host_env(),
+        check=False,
+    )
+    if done.returncode != 0:
+        raise GuestError(f"useradd {USER} in the stock rootfs failed: {done.stderr.strip()}")
+    sudoers = tree / "etc/sudoers.d" / USER
+    sudoers.write_text(f"{USER} ALL=(ALL) NOPASSWD:ALL\n")
+    sudoers.chmod(0o440)
+    # no package lists and no downloaded .debs: the state of Debian's container images
+    for pattern in ("var/lib/apt/lists/*", "var/cache/apt/archives/*.deb", "var/cache/apt/*.bin"):
+        for path in tree.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def _user_ids(tree: Path) -> tuple[int, int]:
+    for line in (tree / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == USER:
+            return int(fields[2]), int(fields[3])
+    raise GuestError(f"no user {USER} in {tree}/etc/passwd")
+
+
+class Machine:
+    """One stock machine on an overlay of the cached rootfs. A context manager."""
+
+    def __init__(self, rootfs: Path, name: str | None = None):
+        self.rootfs = rootfs
+        self.name = name or f"agent-stock-{os.getpid()}"
+        self.run_dir: Path | None = None
+        self.merged: Path | None = None
+        self.cgroups = [root / self.name for root in _cgroup_roots()]
+        self.proc: subprocess.Popen | None = None
+        self.leader: int | None = None  # the container's PID 1 (nspawn's stub init)
+        self.payload: int | None = None  # its child that waits for the end
+        self.console_log: Path | None = None
+        self.exit_code: int | None = None
+
+    def __enter__(self) -> "Machine":
+        try:
+            self.mount()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def mount(self) -> None:
+        """The overlay, its writable layer in memory: nothing to sync or delete on disk."""
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/var/tmp"))
+        scratch = f"mode=0700,size={SCRATCH}"
+        _check(["mount", "-t", "tmpfs", "-o", scratch, "tmpfs", str(self.run_dir)])
+        upper, work, self.merged = (self.run_dir / d for d in ("upper", "work", "root"))
+        for d in (upper, work, self.merged):
+            d.mkdir()
+        options = f"lowerdir={self.rootfs},upperdir={upper},workdir={work}"
+        _check(["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)])
+
+    @property
+    def home(self) -> Path:
+        """The user's home, seen from the host."""
+        assert self.merged is not None
+        return self.merged / "home" / USER
+
+    def copy_checkout(self, dirname: str = "agent") -> str:
+        """This checkout's files in ~USER/dirname, owned by the user; returns the guest path."""
+        assert self.merged is not None
+        uid, gid = _user_ids(self.merged)
+        dest = self.home / dirname
+        copy_sources(dest)
+        for path in [dest, *dest.rglob("*")]:
+            os.lchown(path, uid, gid)
+        return f"/home/{USER}/{dirname}"
+
+    def start(self) -> None:
+        """Run the container: nspawn's stub init as PID 1 and a payload that waits for stop().
+
+        The payload reads its standard input (our pipe, through --console=pipe) and ends at
+        its end: when stop() closes it, or when this process dies."""
+        assert self.merged is not None and self.run_dir is not None
+        binds = []
+        if any(HOST_CAS.glob("*.crt")):
+            binds.append(f"--bind-ro={HOST_CAS}:{GUEST_CAS}")
+        into_cgroup = "; ".join(
+            f"mkdir -p {cg} && echo $$ > {cg}/cgroup.procs" for cg in self.cgroups
+        )
+        payload = f"touch {UP}; read -r _; exit 0"
+        nspawn = [
+            "exec systemd-nspawn --register=no --keep-unit",
+            f"-M {self.name} --hostname={HOSTNAME} -D {self.merged}",
+            "--as-pid2 --console=pipe",
+            *binds,
+            f"/bin/bash -c '{payload}'",
+        ]
+        self.console_log = self.run_dir / "console.log"
+        with open(self.console_log, "wb") as console:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", f"{into_cgroup}; {' '.join(nspawn)}"],
+                stdin=subprocess.PIPE,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_host_env(),
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise GuestError(f"systemd-nspawn exited with {code}:\n{self.tail()}")
+            leader = _child_of(self.proc.pid)
+            if leader and Path(f"/proc/{leader}/root{UP}").exists():
+                self.leader, self.payload = leader, _child_of(leader)
+                return
+            time.sleep(0.05)
+        raise GuestError(f"the stock machine did not start in time\n{self.tail()}")
+
+    def tail(self) -> str:
+        if self.console_log and self.console_log.exists():
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
+        return ""
+
+    def run(
+        self, argv: Sequence[str], timeout: float = 60.0, merge_output: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Run a command as root inside (all its namespaces, a clean environment)."""
+        if self.leader is None:
+            raise GuestError("the stock machine is not running")
+        return subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={SYSPATH}", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def login(self, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run a shell script as USER in a login shell (`su - USER`), stderr into stdout."""
+        return self.run(["su", "-", USER, "-c", script], timeout=timeout, merge_output=True)
+
+    def processes(self) -> list[str]:
+        """What runs in the machine besides its PID 1 and the payload: pid and command line."""
+        if self.leader is None:
+            return []
+        try:
+            ns = os.readlink(f"/proc/{self.leader}/ns/pid")
+        except OSError:
+            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in (self.leader, self.payload):
+                continue
+            try:
+                if os.readlink(entry / "ns/pid") != ns:
+                    continue
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue  # gone meanwhile
+            if state != "Z":
+                found.append(f"{entry.name} {argv}")
+        return found
+
+    def stop(self) -> int:
+        """End the payload, so nspawn exits by itself; returns nspawn's exit code."""
+        assert self.proc is not None
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.exit_code = self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            raise GuestError(f"systemd-nspawn did not exit\n{self.tail()}") from exc
+        self.leader = None
+        return self.exit_code
+
+    def teardown(self) -> list[str]:
+        """Stop everything this machine made; returns what could not be cleaned."""
+        if self.proc is not None and self.proc.poll() is None:
+            # not booted: nspawn answers SIGTERM with SIGKILL to the container's PID 1
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(STOP_TIMEOUT)
+                    break
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.leader = None
+        for mount in (self.merged, self.run_dir):  # the overlay, then the tmpfs under it
+            if mount is not None and os.path.ismount(mount):
+                done = subprocess.run(["umount", str(mount)], capture_output=True, check=False)
+                if done.returncode != 0:
+                    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        for cg in self.cgroups:
+            _remove_cgroup(cg)
+        for d in (
+            "/run/systemd/nspawn/propagate",
+            "/run/systemd/nspawn/locks",
+            "/run/systemd/nspawn",
+            "/run/systemd/nspawn-root",
+        ):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if self.run_dir is not None and not os.path.ismount(self.run_dir):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        problems = self.leftovers()
+        if problems:
+            log(f"teardown left: {problems}")
+        return problems
+
+    def leftovers(self) -> list[str]:
+        found = []
+        if self.proc is not None and self.proc.poll() is None:
+            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
+        if self.run_dir is not None:
+            if str(self.run_dir) in Path("/proc/self/mounts").read_text():
+                found.append(f"mount under {self.run_dir}")
+            if self.run_dir.exists():
+                found.append(f"directory {self.run_dir}")
+        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
+        return found
+
+
+def main(argv: list[str]) -> int:
+    what = argv[1] if len(argv) > 1 else "rootfs"
+    reason = cannot_run_reason()
+    if reason:
+        print(f"cannot: {reason}", file=sys.stderr)
+        return 1
+    if what == "rootfs":
+        print(ensure_stock_rootfs())
+    elif what == "shell":
+        with sigterm_interrupts(), Machine(ensure_stock_rootfs()) as machine:
+            workdir = machine.copy_checkout()
+            machine.start()
+            print(f"stock machine up: nsenter -t {machine.leader} -a su - {USER}  (~ {workdir})")
+            print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while machine.proc is not None and machine.proc.poll() is None:
+                    time.sleep(0.5)
+    else:
+        print(f"unknown command {what!r}: expected rootfs or shell", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
