@@ -1,10 +1,12 @@
 """The README's quickstart, taken literally from README.md, on a stock Debian 12.
 
-The first code block of README.md is the command for a fresh machine. It runs on a
+The first code block of README.md is the command for a fresh machine (the second is the
+test suite's, which .ci/run runs). It runs on a
 debootstrap'd bookworm with python3 and sudo only (stock.py: no python3-venv, no apt lists),
 as the ordinary user `admin` in a login shell, in a copy of this checkout in their home; apt
-and pip fetch from the real registries. Then the README's second code block (give it an
-agent, talk to it), then `agentctl stop`; nothing may be left running.
+and pip fetch from the real registries. Then the README's next code block that ends in
+`agentctl send --wait TEXT` (give it an agent, talk to it), then `agentctl stop`; nothing
+may be left running.
 
 It needs no booted systemd and none of conftest.py's fixtures: it does not touch the
 session's guest. Needs root and the registries; skips without them (fails under CI).
@@ -62,26 +64,31 @@ def code_blocks(markdown: str) -> list[str]:
 
 
 def readme_commands() -> tuple[str, str]:
-    """The README's first two code blocks: the quickstart, and giving it an agent."""
+    """The README's quickstart (its first code block) and the block that gives it an agent
+    (the first later one ending in `agentctl send --wait TEXT`); its second block must be
+    the test suite's command."""
     if not README.is_file():
         pytest.fail(f"{README} is missing: its first code block is the quickstart under test")
     blocks = code_blocks(README.read_text())
-    if len(blocks) < 2:
+    if len(blocks) < 3:
         pytest.fail(
-            f"{README} has {len(blocks)} code block(s); it must open with two: the command "
-            "for a fresh machine (start, status), then the one that configures an agent "
-            "and sends it a message"
+            f"{README} has {len(blocks)} code block(s); it must open with the command for a "
+            "fresh machine (start, status), then the test suite's, then later the one that "
+            "configures an agent and sends it a message"
         )
-    first, second = blocks[0], blocks[1]
+    first = blocks[0]
     for needed in ("agentctl start", "agentctl status"):
         if needed not in first:
             pytest.fail(f"README.md's first code block no longer runs `{needed}`:\n{first}")
-    if not re.search(r"agentctl send --wait \S+\s*$", second):
+    if blocks[1].strip() != "bash scripts/test.sh":
+        pytest.fail(f"README.md's second code block is not `bash scripts/test.sh`:\n{blocks[1]}")
+    talk = [b for b in blocks[2:] if re.search(r"agentctl send --wait \S+\s*$", b)]
+    if not talk:
         pytest.fail(
-            "README.md's second code block no longer ends with `agentctl send --wait TEXT`, "
-            f"whose reply this test checks:\n{second}"
+            "no code block of README.md after the first two ends with "
+            "`agentctl send --wait TEXT`, whose reply this test checks"
         )
-    return first, second
+    return first, talk[0]
 
 
 def expected_reply(command: str) -> str:
