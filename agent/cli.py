@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import click
 
-from agent.errors import AgentError, os_error
+from agent.errors import EXIT_INTERRUPTED, AgentError, os_error
 
 JSON_COMMANDS = ("status", "logs", "sessions", "doctor")
 
@@ -41,7 +41,7 @@ class AgentGroup(click.Group):
             click.echo(f"agentctl: {error}", err=True)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
-            ctx.exit(130)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=AgentGroup)

@@ -91,7 +91,7 @@ def _quick(config_path: str | None, command, **options) -> int:
     import os
 
     from agent.config import config_for_finding
-    from agent.errors import AgentError, os_error
+    from agent.errors import EXIT_INTERRUPTED, AgentError, os_error
 
     try:
         config, broken = config_for_finding(config_path or os.environ.get("AGENT_CONFIG"))
@@ -111,7 +111,7 @@ def _quick(config_path: str | None, command, **options) -> int:
         print(f"agentctl: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _status(config, as_json: bool, full: bool) -> int:

@@ -4,12 +4,13 @@ The CLI turns these into one clear line on stderr and the exit code; it never sh
 traceback for them.
 """
 
-# Exit codes of agentctl (documented in README.md).
+# Exit codes of agentctl (documented in README.md, and in agentctl(1) from EXIT_STATUS below).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # generic failure; also `start` when a supervisor is already running
 EXIT_USAGE = 2  # bad command line (click's own code)
 EXIT_CONFIG = 78  # EX_CONFIG: unreadable or invalid configuration; an untrusted state_dir
 EXIT_PERMISSION = 77  # EX_NOPERM: not allowed (systemctl or journal access denied)
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C), as a shell reports SIGINT
 
 # Exit codes of `agentctl status`.
 STATUS_HEALTHY = 0
@@ -20,6 +21,49 @@ STATUS_NOT_RUNNING = 3
 # Exit codes of `agentctl run` (the supervisor process itself).
 RUN_SHUTDOWN_TIMEOUT = 70  # workers did not stop within stop_timeout; process ended itself
 RUN_FORCED = 71  # a second stop signal escalated the graceful stop
+
+# Every exit code above with what it means, by the command that returns it ("" for every
+# command). The man page's EXIT STATUS section is generated from this (packaging/manpage.py),
+# and a test checks that each code above is here.
+EXIT_STATUS: tuple[tuple[str, int, str], ...] = (
+    ("", EXIT_OK, "success"),
+    (
+        "",
+        EXIT_FAILURE,
+        "failure, said in one line on standard error (e.g. start: a supervisor is already "
+        "running, or it died before it was ready; send --wait: the message failed or the "
+        "wait timed out; doctor: a check failed)",
+    ),
+    ("", EXIT_USAGE, "bad command line"),
+    (
+        "",
+        STATUS_NOT_RUNNING,
+        "the command needs a running supervisor and none is running (send --wait, reload)",
+    ),
+    ("", EXIT_PERMISSION, "permission denied (systemctl, the journal, or files in state_dir)"),
+    (
+        "",
+        EXIT_CONFIG,
+        "bad configuration: the message names the file, the key and what was expected; also an "
+        "untrusted state_dir (start, run) or an untrusted recorded config (restart)",
+    ),
+    ("", EXIT_INTERRUPTED, "interrupted (SIGINT, Ctrl-C)"),
+    ("status", STATUS_HEALTHY, "running and healthy"),
+    ("status", STATUS_CRASHED, "crashed: the state says running, no process holds the lock"),
+    (
+        "status",
+        STATUS_DEGRADED,
+        "running but degraded (a worker in error or hung, an agent failing, the state file "
+        "not writable)",
+    ),
+    ("status", STATUS_NOT_RUNNING, "not running"),
+    (
+        "run",
+        RUN_SHUTDOWN_TIMEOUT,
+        "workers did not stop within stop_timeout; the process ended itself",
+    ),
+    ("run", RUN_FORCED, "a second SIGTERM or SIGINT cut the graceful stop short"),
+)
 
 
 class AgentError(Exception):
