@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import click
 
 from agent.errors import EXIT_INTERRUPTED, AgentError, os_error
+from agent.states import WORKER_NAMES
 
 JSON_COMMANDS = ("status", "logs", "sessions", "doctor")
 
@@ -71,8 +72,6 @@ def main(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
 
 
 def _complete_workers(_ctx: click.Context, _param: click.Parameter, incomplete: str) -> list:
-    from agent.states import WORKER_NAMES
-
     return [name for name in WORKER_NAMES if name.startswith(incomplete)]
 
 
@@ -218,7 +217,11 @@ def status(ctx: click.Context, as_json: bool, full: bool) -> None:
     help="How many recent events.",
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events until interrupted.")
-@click.option("--worker", shell_complete=_complete_workers, help="Only events about this worker.")
+@click.option(
+    "--worker",
+    shell_complete=_complete_workers,
+    help=f"Only events about this worker: {', '.join(WORKER_NAMES)}.",
+)
 @click.option(
     "--event",
     "event_name",

@@ -4,14 +4,20 @@
 operator runs in a hurry, so their plain forms (global options included) skip
 importing click, which alone costs more than the whole interpreter start (see
 bench/bench_runtime.py and bench/bench_journal_logs.py). Every other command line, --help
-and anything invalid included, goes through click in agent.cli, which owns the errors.
+and anything invalid included, goes through click in agent.cli, which owns the errors. So
+does a shell asking for completions ($_AGENTCTL_COMPLETE set, see agentctl(1)): click
+answers those without running any command.
 """
 
+import os
 import sys
+
+COMPLETE_VAR = "_AGENTCTL_COMPLETE"  # click's shell completion protocol for `agentctl`
 
 
 def main() -> None:
-    plain = plain_command(sys.argv[1:])
+    # a shell asking for completions: click's to answer, whatever the line looks like
+    plain = None if COMPLETE_VAR in os.environ else plain_command(sys.argv[1:])
     if plain is not None:
         command, config_path, options = plain
         sys.exit(_quick(config_path, _status if command == "status" else _logs, **options))
@@ -88,8 +94,6 @@ def _plainly_valid_logs(options: dict) -> bool:
 
 
 def _quick(config_path: str | None, command, **options) -> int:
-    import os
-
     from agent.config import config_for_finding
     from agent.errors import EXIT_INTERRUPTED, AgentError, os_error
 
