@@ -159,7 +159,7 @@ def render(group: click.Group = agentctl) -> str:
         ".SH NAME",
         f"{PROG} \\- {short[0].lower()}{short[1:]}",
         ".SH SYNOPSIS",
-        usage(PROG, ["[--config PATH]", "COMMAND", "[OPTIONS]", "[ARGUMENTS]"]),
+        usage(PROG, group.collect_usage_pieces(root)),
     ]
     for path, command, ctx in every:
         out += [".br", usage(path, command.collect_usage_pieces(ctx))]

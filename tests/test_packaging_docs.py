@@ -21,6 +21,7 @@ import pytest
 
 from agent import errors
 from agent.cli import main as agentctl_group
+from agent.events import EVENTS
 from agent.states import WORKER_NAMES
 from tests.e2e.guest import SYSPATH, GuestError, build_deb
 from tests.helpers import skip_or_fail
@@ -284,6 +285,8 @@ def test_bash_completion_offers_commands_and_worker_names(agent_env, completion_
     assert bash_complete(script, "agentctl logs --worker ", env) == list(WORKER_NAMES)
     assert bash_complete(script, "agentctl logs --worker d", env) == ["dispatcher"]
     assert bash_complete(script, "agentctl logs --level e", env) == ["error"]
+    worker_events = [name for name in EVENTS if name.startswith("worker.")]
+    assert bash_complete(script, "agentctl logs --event worker.", env) == worker_events
     assert bash_complete(script, "agentctl sessions r", env) == ["reset"]
     assert "--follow" in bash_complete(script, "agentctl logs --", env)
 
