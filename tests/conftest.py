@@ -10,3 +10,4 @@ def agent_env(tmp_path):
     env.write_config()
     yield env
     env.agentctl("stop")
+    env.kill_leftovers()

@@ -46,6 +46,7 @@ class AgentEnv:
     root: Path
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    started: list[int] = field(default_factory=list)  # supervisor pids, for the teardown
 
     @property
     def state_dir(self) -> Path:
@@ -97,7 +98,20 @@ class AgentEnv:
     def start(self, **env: str) -> int:
         done = self.agentctl("start", **env)
         assert done.returncode == 0, f"start failed: {done.stdout}{done.stderr}"
-        return int(done.stdout.strip().rsplit("pid ", 1)[1].rstrip(")"))
+        pid = int(done.stdout.strip().rsplit("pid ", 1)[1].rstrip(")"))
+        self.started.append(pid)
+        return pid
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL the supervisors this env started that still run (a test that moved its
+        config's state_dir leaves `agentctl stop` looking elsewhere); their pids."""
+        import signal
+
+        left = [pid for pid in self.started if pid_alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(pid) for pid in left), what="leftovers gone")
+        return left
 
     def stop(self) -> subprocess.CompletedProcess:
         return self.agentctl("stop")
