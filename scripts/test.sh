@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    # systemd-python builds against libsystemd
+    # systemd-python builds against libsystemd; postgresql: the queue tests' own server
+    # (tests/pg.py runs a throw-away cluster from /usr/lib/postgresql/15/bin)
     apt-get install -y -q --no-install-recommends libsystemd-dev pkg-config gcc python3-dev \
-        >/dev/null
+        postgresql >/dev/null
     if [ -f tests/e2e/prepare.sh ]; then
         bash tests/e2e/prepare.sh  # systemd-nspawn, debootstrap, the .deb build tools
     fi

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers import AgentEnv
+from tests.helpers import AgentEnv, skip_or_fail
 
 
 @pytest.fixture
@@ -10,3 +10,35 @@ def agent_env(tmp_path):
     env.write_config()
     yield env
     env.agentctl("stop")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throw-away PostgreSQL 15 for the session (tests/pg.py), stopped and removed at
+    its end. Skips (fails under AGENT_TESTS_NO_SKIP=1) when it cannot be had."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        skip_or_fail("psycopg is not installed (pip install -e '.[test]')")
+    from tests.pg import PgCluster, PgUnavailable
+
+    try:
+        cluster = PgCluster.create()
+    except PgUnavailable as exc:
+        skip_or_fail(f"no PostgreSQL for the tests: {exc}")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg(pg_cluster):
+    """The session's cluster, made sure to be up (a test may have stopped it)."""
+    if not pg_cluster.running():
+        pg_cluster.start()
+    return pg_cluster
+
+
+@pytest.fixture
+def pg_dsn(pg):
+    """A libpq connection string to a fresh, empty database of this test's own."""
+    return pg.dsn(pg.create_database())
