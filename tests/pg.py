@@ -1,15 +1,17 @@
 """A real, throw-away PostgreSQL for the tests and the benches.
 
 PgCluster runs Debian's PostgreSQL 15 binaries (`initdb`, `pg_ctl`) in a temporary
-directory, listening only on a unix socket inside it (listen_addresses = ''), with fsync
-off: nothing leaves the machine and nothing outlives the run. PostgreSQL refuses to run
-as root, so under root (the tests and CI) the server runs as the `postgres` system user
-the Debian package creates (or `nobody`), which owns the directory; as anyone else it
-runs as that user. Clients connect as the superuser `postgres` (trust, local socket).
+directory, listening only on a unix socket inside it (listen_addresses = ''): nothing
+leaves the machine and nothing outlives the run. PostgreSQL refuses to run as root, so
+under root (the tests and CI) the server runs as the `postgres` system user the Debian
+package creates (or `nobody`), which owns the directory; as anyone else it runs as that
+user. Clients connect as the superuser `postgres` (trust, local socket).
 
 Each test gets a database of its own (create_database), so tests are isolated without a
-cluster per test. restart_immediate() is `pg_ctl restart -m immediate`: the server dies
-without a checkpoint and comes back after crash recovery, as after a power cut.
+cluster per test. fsync is off, yet a killed server loses nothing (a commit still reaches
+the OS before it returns); durable=True turns fsync on, for benches. restart_immediate()
+is `pg_ctl restart -m immediate`: the server dies without a checkpoint and comes back
+after crash recovery.
 """
 
 import os
@@ -31,14 +33,15 @@ class PgUnavailable(Exception):
 
 
 class PgCluster:
-    def __init__(self, root: Path, run_as: str | None):
+    def __init__(self, root: Path, run_as: str | None, durable: bool = False):
         self.root = root
+        self.durable = durable  # fsync on: what a real server pays per commit (the benches)
         self.run_as = run_as  # None: this process's own user
         self.data = root / "data"
         self.socket_dir = root / "socket"
 
     @classmethod
-    def create(cls, prefix: str = "agent-pg-") -> "PgCluster":
+    def create(cls, prefix: str = "agent-pg-", durable: bool = False) -> "PgCluster":
         """initdb + start a new cluster; PgUnavailable when this machine cannot."""
         if not (PG_BIN / "initdb").exists():
             raise PgUnavailable(
@@ -47,7 +50,7 @@ class PgCluster:
             )
         run_as = _server_user()
         root = Path(tempfile.mkdtemp(prefix=prefix))
-        cluster = cls(root, run_as)
+        cluster = cls(root, run_as, durable)
         try:
             cluster._init()
             cluster._pg_ctl("start", "-l", str(root / "server.log"))
@@ -78,9 +81,10 @@ class PgCluster:
             "listen_addresses": "''",
             "unix_socket_directories": f"'{self.socket_dir}'",
             "port": str(PORT),
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
+            # no fsync: a commit still reaches the OS before it returns (synchronous_commit
+            # stays on), so a killed server (restart -m immediate) loses nothing; only a
+            # power cut would
+            "fsync": "off" if not self.durable else "on",
             "max_connections": "100",
             "shared_buffers": "'64MB'",
         }
