@@ -122,15 +122,15 @@ def conversation_key(channel: str, profile: str | None, conversation: str | None
 
 
 CLAIM = f"""
-WITH heads AS (
-    SELECT DISTINCT ON (conversation) id
-    FROM messages
-    WHERE state IN ('queued', 'running')
-    ORDER BY conversation, id
-), picked AS (
+WITH picked AS (
     SELECT m.id
-    FROM messages m JOIN heads USING (id)
+    FROM messages m
     WHERE m.state = 'queued' AND m.run_after <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM messages earlier
+          WHERE earlier.conversation = m.conversation
+            AND earlier.state IN ('queued', 'running')
+            AND earlier.id < m.id)
     ORDER BY m.id
     LIMIT %(limit)s
     FOR UPDATE OF m SKIP LOCKED
@@ -143,9 +143,12 @@ FROM picked
 WHERE m.id = picked.id
 RETURNING {", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))}
 """
-# The heads are read from the statement's snapshot; `m.state = 'queued'` is on the locked
-# row itself, so PostgreSQL re-checks it on the newest version of a row another claimer
-# changed meanwhile (EvalPlanQual): a head claimed elsewhere is never claimed twice.
+# Ready messages are read oldest first (index messages_queued); each is a head when no
+# earlier message of its conversation is unfinished (one probe of messages_pending), so
+# the cost grows with the ready messages passed over, not with the whole backlog. That
+# check reads the statement's snapshot; `m.state = 'queued'` is on the locked row itself,
+# so PostgreSQL re-checks it on the newest version of a row another claimer changed
+# meanwhile (EvalPlanQual): a head claimed elsewhere is never claimed twice.
 
 HELD = "state = 'running' AND lease_owner = %(host)s"
 RELEASE_LEASE = "lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
