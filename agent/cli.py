@@ -375,6 +375,8 @@ def db_migrate(ctx: click.Context) -> None:
     migrating at the same time); refuses a schema newer than this build."""
     from agent.pg.dbstatus import run_migrate
 
+    if ctx.obj.json:
+        raise click.UsageError("--json applies to db status, not to db migrate")
     click.echo(run_migrate(_config(ctx)))
 
 
