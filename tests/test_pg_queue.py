@@ -369,6 +369,60 @@ def test_a_server_crash_is_a_clear_error_and_the_queue_works_again_after(pg, pg_
         queue.close()
 
 
+def test_a_crash_mid_run_costs_only_clear_errors_and_the_run_goes_on(pg, pg_dsn):
+    """A producer enqueueing in a loop while the server is killed and restarted: every
+    failure is a DatabaseError without the secret, and enqueues succeed again after."""
+    queue = open_queue(pg_dsn)
+    errors: list[DatabaseError] = []
+    made: list[int] = []
+    stop = threading.Event()
+
+    def producer() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                made.append(queue.enqueue(new(f"m{n}")).id)
+                n += 1
+            except DatabaseError as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    try:
+        wait_for(lambda: len(made) >= 20, what="the producer running")
+        pg.restart_immediate()
+        after = len(made)
+        wait_for(lambda: len(made) >= after + 20, what="enqueues after the restart")
+    finally:
+        stop.set()
+        thread.join()
+        queue.close()
+    for error in errors:
+        assert str(error).startswith("queue database host=") and SECRET not in str(error)
+    with connect(make_target(pg_dsn, "t"), SETTINGS) as conn:
+        stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    assert stored == len(made)  # every acknowledged enqueue survived the crash
+
+
+def test_a_statement_stuck_behind_a_lock_is_cut_off_by_the_timeout(pg_dsn):
+    target = make_target(pg_dsn, "t")
+    ensure_schema(target, SETTINGS)
+    impatient = PostgresConfig(statement_timeout=0.3)
+    queue = PgQueue(open_pool(target, impatient), target)
+    row = queue.enqueue(new("m"))
+    queue.claim("h", LEASE)
+    try:
+        with connect(target, SETTINGS) as holder, holder.transaction():
+            holder.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE", (row.id,))
+            started = time.monotonic()
+            cut_off = r"complete: canceling statement due to (statement|lock) timeout"
+            with pytest.raises(DatabaseError, match=cut_off):
+                queue.complete(row.id, "h", {"message": "r"})
+            assert time.monotonic() - started < 5
+    finally:
+        queue.close()
+
+
 def _enqueued(queue: PgQueue, message_id: str) -> bool:
     try:
         return queue.enqueue(new(message_id)).created
