@@ -13,13 +13,19 @@ def agent_env(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def pg_cluster():
-    """One throw-away PostgreSQL 15 for the session (tests/pg.py), stopped and removed at
-    its end. Skips (fails under AGENT_TESTS_NO_SKIP=1) when it cannot be had."""
+def psycopg_installed():
+    """The postgres backend's driver; skips (fails under AGENT_TESTS_NO_SKIP=1) without it."""
     try:
         import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
     except ImportError:
-        skip_or_fail("psycopg is not installed (pip install -e '.[test]')")
+        skip_or_fail("psycopg / psycopg-pool are not installed (pip install -e '.[test]')")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(psycopg_installed):
+    """One throw-away PostgreSQL 15 for the session (tests/pg.py), stopped and removed at
+    its end. Skips (fails under AGENT_TESTS_NO_SKIP=1) when it cannot be had."""
     from tests.pg import PgCluster, PgUnavailable
 
     try:
