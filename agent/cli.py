@@ -12,7 +12,7 @@ import click
 from agent.errors import EXIT_INTERRUPTED, AgentError, os_error
 from agent.states import WORKER_NAMES
 
-JSON_COMMANDS = ("status", "logs", "sessions", "doctor")
+JSON_COMMANDS = ("status", "logs", "sessions", "doctor", "db")
 
 
 @dataclass
@@ -352,6 +352,35 @@ def init(ctx: click.Context, agent: str | None, force: bool) -> None:
     written = init_config(ctx.obj.config_path, agent, force)
     click.echo(f"wrote {written.path} (agent {written.agent})")
     click.echo(f"next: {written.next_step}")
+
+
+@main.group()
+def db() -> None:
+    """The shared PostgreSQL queue ([queue] backend = "postgres"): status, migrate."""
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@click.pass_context
+def db_status(ctx: click.Context, as_json: bool) -> None:
+    """Backend, server (never its password), reachability and latency, schema version (the
+    database's and this build's), depth and oldest message. Exit 1 unless it answers with
+    this build's schema."""
+    from agent.pg.dbstatus import print_status
+
+    ctx.exit(print_status(_config(ctx), as_json or ctx.obj.json))
+
+
+@db.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Bring the queue database's schema to this build's version (safe with other hosts
+    migrating at the same time); refuses a schema newer than this build."""
+    from agent.pg.dbstatus import run_migrate
+
+    if ctx.obj.json:
+        raise click.UsageError("--json applies to db status, not to db migrate")
+    click.echo(run_migrate(_config(ctx)))
 
 
 def _subcommand_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:

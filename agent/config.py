@@ -10,6 +10,7 @@ config on every call, and importing dataclasses costs a third of an interpreter 
 """
 
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -35,13 +36,18 @@ class Setting:
         check: Callable[[Any], bool] | None = None,
         choices: tuple[str, ...] = (),
         table_of: type | None = None,
+        section: type | None = None,
+        secret: bool = False,
     ):
         self.default, self.kind, self.expect = default, kind, expect
         self.check, self.choices, self.table_of = check, choices, table_of
+        self.section = section  # kind "table": one sub-table of this Section type
+        self.secret = secret  # its value is never shown in an error (it may hold a password)
 
     @property
     def required(self) -> bool:
-        return self.check is not None and not self.check(self.default)
+        """A key without a default that would pass (None: optional, unset)."""
+        return self.check is not None and self.default is not None and not self.check(self.default)
 
 
 def _finite(value: float) -> bool:
@@ -70,6 +76,8 @@ class Section:
             default = setting.default
             if isinstance(default, dict):
                 default = dict(default)  # each section its own copy
+            elif setting.section is not None:
+                default = setting.section()
             setattr(self, name, values.get(name, default))
 
     def __eq__(self, other: object) -> bool:
@@ -118,10 +126,62 @@ class DispatcherConfig(Section):
     }
 
 
+def _host_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and value.isprintable() and value.strip() == value
+
+
+class PostgresConfig(Section):
+    """[queue.postgres]: the shared queue database (docs/scaling.md). The connection string
+    comes from dsn_file (it may hold a password: read at use, never logged) or dsn (for
+    password-less local sockets); exactly one of them when backend = "postgres"."""
+
+    FIELDS = {
+        "dsn_file": Setting(
+            None,
+            "optional_str",
+            "a file path string (relative: in $CREDENTIALS_DIRECTORY, as the Slack token files)",
+            bool,
+        ),
+        "dsn": Setting(
+            None,
+            "optional_str",
+            "a libpq connection string without a password (use dsn_file for one)",
+            lambda v: bool(v.strip()) and not _has_password(v),
+            secret=True,
+        ),
+        "host_id": Setting(
+            None,
+            "optional_str",
+            "a name of 1 to 128 printable characters, no surrounding spaces (default: hostname)",
+            _host_id,
+        ),
+        "auto_migrate": Setting(True, "bool", "true or false"),
+        "connect_timeout": Setting(5.0, "float", _seconds(1, 300), _within(1, 300)),
+        "statement_timeout": Setting(10.0, "float", _seconds(0.1, 3600), _within(0.1, 3600)),
+        "pool_size": Setting(4, "int", "a whole number from 1 to 64", _within(1, 64)),
+    }
+
+
+_PASSWORD_KEY = re.compile(r"(?:^|[\s&?])password\s*=", re.IGNORECASE)
+
+
+def _has_password(dsn: str) -> bool:
+    """Whether a connection string carries a password: key=value, URI user:pass@ or
+    ?password=."""
+    if _PASSWORD_KEY.search(dsn):
+        return True
+    if "://" in dsn:
+        authority = dsn.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        return ":" in authority.rpartition("@")[0]
+    return False
+
+
 class QueueConfig(Section):
     FIELDS = {
         # messages waiting longer than this while none is claimed: degraded, no watchdog
         "stall_timeout": Setting(600.0, "float", SECONDS, _positive),
+        "backend": Setting("files", "str", "one of files, postgres", choices=("files", "postgres")),
+        "postgres": Setting(None, "table", "a [queue.postgres] table", section=PostgresConfig),
     }
 
 
@@ -348,12 +408,24 @@ def _tables(cls: type[Section], values: dict[str, Any], where: str, name: str) -
 
 
 def _check_references(config: Config, where: str) -> None:
+    _check_queue_backend(config.queue, where)
     for name, profile in config.slack.profiles.items():
         if profile.agent is not None and profile.agent not in config.agents:
             raise ConfigError(
                 f"{where}: [slack.profiles.{name}] agent: expected the name of an "
                 f"[agents.NAME] table, got {profile.agent!r}"
             )
+
+
+def _check_queue_backend(queue: QueueConfig, where: str) -> None:
+    postgres: PostgresConfig = queue.postgres
+    given = [key for key in ("dsn_file", "dsn") if getattr(postgres, key) is not None]
+    if queue.backend == "postgres" and len(given) != 1:
+        found = "both" if given else "neither"
+        raise ConfigError(
+            f"{where}: [queue.postgres] dsn_file, dsn: expected exactly one of them with "
+            f'[queue] backend = "postgres", got {found}'
+        )
 
 
 def _section(cls: type[Section], values: dict[str, Any], where: str, name: str) -> Section:
@@ -366,10 +438,13 @@ def _section(cls: type[Section], values: dict[str, Any], where: str, name: str) 
                 f"(expected one of {', '.join(cls.FIELDS)})"
             )
         label = f"{where}: [{name}] {key}"
-        if setting.table_of is not None:
+        if setting.table_of is not None or setting.section is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{label}: expected {setting.expect}, got {_kind(value)}")
-            chosen[key] = _tables(setting.table_of, value, where, f"{name}.{key}")
+            if setting.section is not None:
+                chosen[key] = _section(setting.section, value, where, f"{name}.{key}")
+            else:
+                chosen[key] = _tables(setting.table_of, value, where, f"{name}.{key}")
         else:
             chosen[key] = _checked(setting, value, label)
     for key, setting in cls.FIELDS.items():
@@ -417,6 +492,8 @@ def _checked(setting: Setting, value: Any, label: str) -> Any:
 
 
 def _wrong(setting: Setting, value: Any, label: str) -> ConfigError:
+    if setting.secret:
+        return ConfigError(f"{label}: expected {setting.expect}, got a {_kind(value)} (not shown)")
     return ConfigError(f"{label}: expected {setting.expect}, got {value!r} ({_kind(value)})")
 
 

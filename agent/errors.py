@@ -104,6 +104,18 @@ class PermissionDenied(AgentError):
     exit_code = EXIT_PERMISSION
 
 
+class DatabaseError(AgentError):
+    """The PostgreSQL queue could not do what was asked: unreachable, timed out, refused.
+    The text names the server (host, database) but never the connection string's content."""
+
+
+class SchemaMismatch(AgentError):
+    """The queue database's schema is not the one this build runs on: ahead of it (a newer
+    agent migrated it), or behind it with auto_migrate off. The installation needs fixing."""
+
+    exit_code = EXIT_CONFIG
+
+
 def os_error(exc: OSError) -> AgentError:
     """An OSError met while serving an operator, as one line naming the file."""
     where = f"{exc.filename}: " if exc.filename else ""

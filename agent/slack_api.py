@@ -9,7 +9,6 @@ a Slack token and WebSocket tickets. slack_sdk's own log lines are redacted the 
 """
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from agent.log import event
 from agent.slack_store import safe_name
+from agent.trust import credential_path
 
 WORKER = "slack"
 HTTP_TIMEOUT = 15
@@ -139,15 +139,8 @@ def retry_after(response: Any) -> float:
 
 
 def resolve_token_path(path: str, env: dict[str, str] | None = None) -> Path:
-    """Absolute as given; else relative to $CREDENTIALS_DIRECTORY (systemd LoadCredential=)."""
-    env = os.environ if env is None else env
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute():
-        return candidate
-    credentials = env.get("CREDENTIALS_DIRECTORY")
-    if credentials:
-        return Path(credentials) / candidate
-    return candidate.resolve()
+    """Where a token file is: agent.trust.credential_path's rule, for every secret file."""
+    return credential_path(path, env)
 
 
 def read_token(path: str, kind: str) -> str:

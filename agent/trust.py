@@ -107,6 +107,20 @@ def config_file_problem(path: Path) -> str | None:
     return None
 
 
+def credential_path(path: str, env: dict[str, str] | None = None) -> Path:
+    """Where a secret file named in the config is (a Slack token, the queue's DSN): absolute
+    as given; else relative to $CREDENTIALS_DIRECTORY (systemd LoadCredential=) when set,
+    else to the current directory."""
+    env = os.environ if env is None else env
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        return Path(credentials) / candidate
+    return candidate.resolve()
+
+
 def loose_secret_files(paths: list[Path]) -> list[str]:
     """One line per secret file (a Slack token) that its group or the world may read."""
     found = []

@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    # systemd-python builds against libsystemd; zsh runs the packaged zsh completion
+    # systemd-python builds against libsystemd; zsh runs the packaged zsh completion;
+    # postgresql: the queue tests' own server (tests/pg.py runs a throw-away cluster from
+    # /usr/lib/postgresql/15/bin)
     apt-get install -y -q --no-install-recommends libsystemd-dev pkg-config gcc python3-dev \
-        zsh >/dev/null
+        zsh postgresql >/dev/null
     if [ -f tests/e2e/prepare.sh ]; then
         bash tests/e2e/prepare.sh  # systemd-nspawn, debootstrap, the .deb build tools
     fi

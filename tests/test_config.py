@@ -151,3 +151,63 @@ def test_settings_have_sane_lower_and_upper_bounds(tmp_path, section, key, low, 
         message = str(caught.value)
         assert message.startswith(f"{path}: [{section}] {key}: expected {expect}"), message
         assert caught.value.exit_code == 78
+
+
+def test_the_queue_backend_is_files_unless_postgres_is_chosen(tmp_path):
+    assert load_config(write(tmp_path, ""), env={}).queue.backend == "files"
+    path = write(
+        tmp_path,
+        "[queue]\nbackend = 'postgres'\n[queue.postgres]\ndsn = 'host=/run/postgresql'\n"
+        "host_id = 'gw-1'\nauto_migrate = false\n",
+    )
+    postgres = load_config(path, env={}).queue.postgres
+    assert (postgres.dsn, postgres.host_id, postgres.auto_migrate) == (
+        "host=/run/postgresql",
+        "gw-1",
+        False,
+    )
+    assert postgres.dsn_file is None and postgres.statement_timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[queue]\nbackend = 'redis'\n", "[queue] backend: expected one of files, postgres"),
+        (
+            "[queue]\nbackend = 'postgres'\n",
+            "[queue.postgres] dsn_file, dsn: expected exactly one of them with [queue] "
+            'backend = "postgres", got neither',
+        ),
+        (
+            "[queue]\nbackend = 'postgres'\n[queue.postgres]\ndsn = 'a=b'\ndsn_file = 'x'\n",
+            "got both",
+        ),
+        ("[queue]\npostgres = 3\n", "[queue] postgres: expected a [queue.postgres] table"),
+        ("[queue.postgres]\ndsn_fil = 'x'\n", "unknown key 'dsn_fil' in [queue.postgres]"),
+        ("[queue.postgres]\nhost_id = ' gw'\n", "[queue.postgres] host_id: expected a name"),
+        ("[queue.postgres]\ndsn_file = ''\n", "[queue.postgres] dsn_file: expected a file path"),
+        ("[queue.postgres]\npool_size = 0\n", "[queue.postgres] pool_size: expected a whole"),
+    ],
+)
+def test_bad_queue_settings_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert message in str(caught.value) and caught.value.exit_code == 78
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=/run/postgresql password=Sup3rSecret",
+        "postgresql://agent:Sup3rSecret@db.example/agent",
+        "postgresql:///agent?host=/run/postgresql&password=Sup3rSecret",
+    ],
+)
+def test_a_dsn_with_a_password_is_refused_without_showing_it(tmp_path, dsn):
+    path = write(tmp_path, f"[queue.postgres]\ndsn = '{dsn}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert "[queue.postgres] dsn: expected a libpq connection string without a password" in str(
+        caught.value
+    )
+    assert "Sup3rSecret" not in str(caught.value)
