@@ -24,9 +24,21 @@ from agent.config import load_config
 from agent.errors import ConfigError
 from agent.metrics import MAX_CONNECTIONS, PrometheusMetrics, SupervisorView
 from agent.queue import Queue, new_message
+from agent.slack_api import POSTS
+from tests.fake_slack import FakeSlack
 from tests.helpers import AgentEnv, wait_for
 from tests.test_dispatcher import enqueue, outgoing, script
 from tests.test_notify import NotifyListener, run_supervisor
+from tests.test_slack import (
+    APP_TOKEN,
+    BOT_TOKEN,
+    mention,
+    profile,
+    queued,
+    wait_running,
+    write_reply,
+    write_tokens,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -377,6 +389,49 @@ def test_a_changed_listen_needs_a_restart_and_the_old_endpoint_keeps_serving(age
     assert "[metrics] listen cannot change while the supervisor runs" in done.stderr
     assert value(scrape(port), "agent_health", state="healthy") == 1
     assert listening_ports(pid) == {port}
+
+
+# ---- Slack
+
+
+@pytest.fixture
+def fake():
+    slack = FakeSlack(BOT_TOKEN, APP_TOKEN).start()
+    yield slack
+    slack.stop()
+
+
+def test_slack_events_posts_and_429s_are_counted_per_profile(agent_env, fake):
+    port = free_port()
+    creds = write_tokens(agent_env)
+    agent_env.write_config(
+        metrics={"listen": f"127.0.0.1:{port}"},
+        slack={"enabled": True, "api_base_url": fake.api_url},
+        dispatcher={"max_attempts": 1},
+        **{
+            "agents.default": {"command": ["sleep", "600"], "timeout": 120},
+            "slack.profiles.main": profile(creds),
+        },
+    )
+    agent_env.start()
+    wait_running(agent_env)
+    assert value(scrape(port), "agent_slack_events_received_total", profile="main") == 0
+    ts = "1700000004.000100"
+    fake.push_event(mention(ts))
+    item = wait_for(lambda: queued(agent_env, ts), what="the queue message")[0]
+    fake.script(
+        "chat.postMessage", {"ok": False, "error": "ratelimited"}, 429, {"Retry-After": "1"}
+    )
+    write_reply(agent_env, item, "slowly")
+    wait_for(lambda: fake.posted(), what="the reply posted after the rate limit")
+    samples = wait_for(
+        lambda: value(s := scrape(port), "agent_slack_posts_total", profile="main") and s,
+        what="the post counted",
+    )
+    assert value(samples, "agent_slack_events_received_total", profile="main") == 1
+    assert value(samples, "agent_slack_rate_limited_total", profile="main") == 1
+    posts = [c for c in fake.calls if c.method in POSTS and c.status == 200 and c.body.get("ok")]
+    assert value(samples, "agent_slack_posts_total", profile="main") == len(posts) == 1
 
 
 # ---- torture: the endpoint abused while messages flow

@@ -24,7 +24,7 @@ def build_worker(config: Config, name: str, metrics: Metrics = NO_METRICS) -> Wo
     if name == "dispatcher":
         return DispatcherWorker(config, metrics=metrics)
     if name == "slack":
-        return SlackWorker(config) if config.slack.enabled else None
+        return SlackWorker(config, metrics) if config.slack.enabled else None
     if name == "heartbeat":
         return HeartbeatWorker(config) if config.heartbeat.interval > 0 else None
     raise ValueError(f"unknown worker {name!r}")
