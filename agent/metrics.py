@@ -38,13 +38,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import TYPE_CHECKING, Any
 
+from agent.config import Config, listen_address
 from agent.errors import ConfigError
 from agent.health import DEGRADED, HEALTHY, loop_silent
 from agent.ratelimit import RepeatLimiter
 from agent.states import WORKER_NAMES, WorkerState
 
 if TYPE_CHECKING:
-    from agent.config import Config
     from agent.queue import Queue, Tally
 
 # Agent runs last from a hundredth of a second (`cat`) to the 30-minute timeouts of
@@ -115,11 +115,9 @@ class Metrics:
 NO_METRICS = Metrics()
 
 
-def start_metrics(config: "Config") -> Metrics:
+def start_metrics(config: Config) -> Metrics:
     """NO_METRICS when [metrics] listen is empty; else the registry, served from now on
     (ConfigError naming [metrics] listen when its address cannot be bound)."""
-    from agent.config import listen_address
-
     address = listen_address(config.metrics.listen) if config.metrics.listen else None
     if address is None:
         return NO_METRICS
@@ -129,7 +127,7 @@ def start_metrics(config: "Config") -> Metrics:
 class PrometheusMetrics(Metrics):
     enabled = True
 
-    def __init__(self, config: "Config", address: tuple[str, int]):
+    def __init__(self, config: Config, address: tuple[str, int]):
         from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
         from agent.queue import Queue
@@ -186,7 +184,7 @@ class PrometheusMetrics(Metrics):
         self._label_known(config)
         self.server = _serve(address, registry, self.errors, config)
 
-    def _label_known(self, config: "Config") -> None:
+    def _label_known(self, config: Config) -> None:
         """Every series we can name already exists at 0, so rate() sees the first one."""
         for agent in config.agents:
             for family in (self.claimed, self.done, self.failed, self.retried, self.runs):
@@ -414,7 +412,7 @@ class _Server(ThreadingHTTPServer):
             self.errors.note("server", exc)
 
 
-def _serve(address: tuple[str, int], registry: Any, errors: _Errors, config: "Config") -> _Server:
+def _serve(address: tuple[str, int], registry: Any, errors: _Errors, config: Config) -> _Server:
     try:
         server = _Server(address, registry, errors)
     except OSError as exc:
