@@ -185,6 +185,35 @@ class QueueConfig(Section):
     }
 
 
+class MetricsConfig(Section):
+    FIELDS = {
+        # where agent/metrics.py serves Prometheus metrics; "" (the default): nowhere
+        "listen": Setting(
+            "",
+            "str",
+            '"" (off) or "host:port" with a port from 1 to 65535 (IPv6: "[::1]:9464")',
+            lambda v: v == "" or listen_address(v) is not None,
+        ),
+    }
+
+
+def listen_address(value: str) -> tuple[str, int] | None:
+    """("host", port) of a "host:port" or "[ipv6]:port" string; None when it is not one.
+    The host is not resolved here: binding it at start says whether it exists."""
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            return None
+    elif ":" in host:
+        return None  # a bare IPv6 address: its port is ambiguous without brackets
+    if not colon or not host or not (port.isascii() and port.isdigit()):
+        return None
+    if any(c.isspace() or c in "[]/" for c in host) or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
+
+
 class AgentConfig(Section):
     """[agents.NAME]: the AI agent command a message is handed to (argv, no shell)."""
 
@@ -256,6 +285,7 @@ SECTIONS: dict[str, type[Section]] = {
     "dispatcher": DispatcherConfig,
     "queue": QueueConfig,
     "slack": SlackConfig,
+    "metrics": MetricsConfig,
 }
 TABLES_OF: dict[str, type[Section]] = {"agents": AgentConfig}
 TOP_LEVEL_KEYS = ("state_dir",)
@@ -280,6 +310,7 @@ class Config:
         self.dispatcher: DispatcherConfig = sections.get("dispatcher") or DispatcherConfig()
         self.queue: QueueConfig = sections.get("queue") or QueueConfig()
         self.slack: SlackConfig = sections.get("slack") or SlackConfig()
+        self.metrics: MetricsConfig = sections.get("metrics") or MetricsConfig()
 
     @property
     def lock_path(self) -> Path:

@@ -204,8 +204,12 @@ def _start_failure(config: Config, proc: subprocess.Popen, status: str, out_befo
         return reason
     saved_error = _saved_last_error(config, proc.pid)
     detail = saved_error or _tail(config.log_dir / "supervisor.out", start=out_before)
+    # the child's own "agentctl: <reason>" line says nothing the reason does not
+    detail = "\n".join(
+        line for line in detail.splitlines() if line.removeprefix("agentctl: ") not in reason
+    )
     message = f"supervisor (pid {proc.pid}) failed to start: {reason}"
-    return f"{message}\n{detail}" if detail and detail not in reason else message
+    return f"{message}\n{detail}" if detail else message
 
 
 def _saved_last_error(config: Config, pid: int) -> str | None:

@@ -79,6 +79,8 @@ EVENTS: dict[str, str] = {
     "slack.feedback.failed": "a reaction or status could not be set",
     "slack.ratelimited": "Slack answered 429; the call waits",
     "slack.sdk": "a message of the Slack SDK itself",
+    # Prometheus metrics ([metrics] listen)
+    "metrics.error": "a scrape met an error; only that scrape or series is affected",
 }
 
 

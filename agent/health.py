@@ -7,7 +7,9 @@ state file and the clock) decide with these functions, so they can never disagre
 - a running worker whose health detail carries a truthy `degraded` reason is degraded;
 - the supervisor is degraded when any worker is error, hung or degraded, or when it has a
   problem of its own (its lock path no longer names its lock, its state file went silent
-  or unreadable); otherwise healthy.
+  or unreadable); otherwise healthy;
+- the supervisor's own loop is silent when what it last wrote (its pulse, or what it last
+  published for metrics) is older than hang_timeout + SILENT_MARGIN.
 
 Cheap to import: `agentctl status` runs it on every call.
 """
@@ -19,6 +21,7 @@ from agent.states import UNHEALTHY_STATES, WorkerState
 
 HEALTHY = "healthy"
 DEGRADED = "degraded"
+SILENT_MARGIN = 5.0  # seconds beyond hang_timeout before a silent supervisor loop counts
 
 
 def is_hung(state: str, heartbeat_age: float | None, hang_timeout: float) -> bool:
@@ -66,6 +69,14 @@ def degraded_reasons(
         elif state in UNHEALTHY_STATES:
             reasons.append(f"{name}: {state}")
     return reasons
+
+
+def loop_silent(age: float | None, hang_timeout: float) -> str | None:
+    """Why the supervisor counts as degraded when its loop showed no life for `age`
+    seconds; None while it is not silent (or when there is no evidence at all)."""
+    if age is not None and age > hang_timeout + SILENT_MARGIN:
+        return f"supervisor has not updated its state for {age:.0f}s"
+    return None
 
 
 def status_line(health: str, workers: Iterable[tuple[str, str]], problem: str | None) -> str:

@@ -64,6 +64,7 @@ __all__ = [
     "MachineTrouble",
     "Message",
     "Queue",
+    "Tally",
     "make_reply",
     "new_message",
     "parse",
@@ -121,6 +122,14 @@ class Claim:
     unmovable: list[Unmovable]
     trouble: MachineTrouble | None = None
     looked_at: int = 0  # how many of the entries given are out of incoming/ or gone
+
+
+@dataclass(frozen=True)
+class Tally:
+    """How many messages wait in one directory, and since when the oldest (its mtime)."""
+
+    count: int
+    oldest_mtime_ns: int | None
 
 
 @dataclass(frozen=True)
@@ -348,6 +357,11 @@ class Queue:
 
     def depth(self) -> int:
         return _count_json(self.incoming)
+
+    def census(self) -> dict[str, Tally]:
+        """Messages not answered yet: waiting in incoming/ (quarantined ones too) and
+        claimed in processing/. One scandir and one lstat per entry, nothing read."""
+        return {"incoming": _tally(self.incoming), "processing": _tally(self.processing)}
 
     def load(self, name: str) -> Message:
         """A claimed message. InvalidMessage if it is not one (permanent), MachineTrouble
@@ -634,6 +648,24 @@ def _entries(directory: Path) -> list[Entry]:
             found.append(Entry(entry.name, mtime, entry.inode()))
     found.sort(key=lambda e: (e.mtime_ns, e.name))
     return found
+
+
+def _tally(directory: Path) -> Tally:
+    count, oldest = 0, None
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                count += 1
+                oldest = mtime if oldest is None else min(oldest, mtime)
+    except FileNotFoundError:
+        pass
+    return Tally(count, oldest)
 
 
 def _count_json(directory: Path) -> int:

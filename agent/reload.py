@@ -18,6 +18,8 @@ from agent.errors import ConfigError
 LIVE_FIXED = {
     "state_dir": lambda c: c.state_dir,
     "[logging] sink": lambda c: c.logging.sink,
+    # the workers hold the Metrics object they were built with (agent.metrics)
+    "[metrics] listen": lambda c: c.metrics.listen,
 }
 # which parts of the config each worker reads (the queue checks a message's agent)
 WORKER_INPUTS = {

@@ -6,6 +6,7 @@ slack_sdk raised into an ApiFailure of one kind: `ratelimited` (wait `retry_afte
 Invariant: no text that leaves this module (exceptions, events, status) holds a token:
 every error passes through redact(), which removes the known tokens, anything shaped like
 a Slack token and WebSocket tickets. slack_sdk's own log lines are redacted the same way.
+Being the one path, it also counts for agent.metrics: posts that succeeded, and 429s.
 """
 
 import logging
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.log import event
+from agent.metrics import NO_METRICS, Metrics
 from agent.slack_store import safe_name
 from agent.trust import credential_path
 
@@ -50,6 +52,8 @@ TRANSIENT_ERRORS = frozenset(
         "team_added_to_org",
     }
 )
+# Web API methods that post into a channel: paced per channel (slack_lane), counted as posts
+POSTS = frozenset({"chat.postMessage", "chat.postEphemeral", "chat.update", "files.upload"})
 RETRY_AFTER_DEFAULT = 1.0
 RETRY_AFTER_MAX = 300.0
 
@@ -173,9 +177,10 @@ class SlackApi:
     slack_sdk's WebClient opens one HTTP connection per call, so threads may share it.
     """
 
-    def __init__(self, profile: str, base_url: str):
+    def __init__(self, profile: str, base_url: str, metrics: Metrics = NO_METRICS):
         self.profile = profile
         self.base_url = base_url
+        self.metrics = metrics
         self.secrets: list[str] = []
         self.web: Any = None
         self.identity = Identity(None, None)
@@ -207,7 +212,9 @@ class SlackApi:
             else:
                 response = web.api_call(method, json=params) if params else web.api_call(method)
         except Exception as exc:
-            raise classify(exc, tuple(self.secrets), method) from None
+            raise self._failure(exc, method) from None
+        if method in POSTS:
+            self.metrics.slack_post(self.profile)
         return dict(response.data) if isinstance(response.data, dict) else {}
 
     def upload(self, channel: str, thread_ts: str, paths: list[Path]) -> None:
@@ -216,20 +223,27 @@ class SlackApi:
         try:
             self.web.files_upload_v2(file_uploads=uploads, channel=channel, thread_ts=thread_ts)
         except Exception as exc:
-            raise classify(exc, tuple(self.secrets), "files.upload") from None
+            raise self._failure(exc, "files.upload") from None
+        self.metrics.slack_post(self.profile)
 
     def connections_open(self, app_token: str) -> str:
         """A Socket Mode WebSocket URL (apps.connections.open, with the app token)."""
         try:
             url = self.web.apps_connections_open(app_token=app_token).get("url")
         except Exception as exc:
-            raise classify(exc, tuple(self.secrets), "apps.connections.open").problem() from None
+            raise self._failure(exc, "apps.connections.open").problem() from None
         if not url:
             raise SlackProblem(API_FAILURE, "apps.connections.open: no url in the answer")
         return str(url)
 
     def redact(self, text: str) -> str:
         return redact(text, tuple(self.secrets))
+
+    def _failure(self, exc: BaseException, method: str) -> ApiFailure:
+        failure = classify(exc, tuple(self.secrets), method)
+        if failure.kind == RATELIMITED:
+            self.metrics.slack_rate_limited(self.profile)
+        return failure
 
 
 class _SdkLogBridge(logging.Handler):

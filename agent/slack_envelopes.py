@@ -13,6 +13,7 @@ supported"; any other envelope is acknowledged and ignored.
 from typing import Any
 
 from agent.log import event
+from agent.metrics import NO_METRICS, Metrics
 from agent.slack_api import WORKER
 from agent.slack_inbound import Inbound, SlackMessage
 from agent.slack_jobs import Notice
@@ -24,13 +25,15 @@ NOT_SUPPORTED = (
 
 
 class Envelopes:
-    def __init__(self, inbound: Inbound):
+    def __init__(self, inbound: Inbound, metrics: Metrics = NO_METRICS):
         self.inbound = inbound
         self.name = inbound.name
         self.store = inbound.store
+        self.metrics = metrics
 
     def on_envelope(self, client: Any, request: Any) -> None:
         """The Socket Mode client's listener: one envelope at a time."""
+        self.metrics.slack_event(self.name)
         try:
             if request.type == "events_api":
                 self._event(client, request)

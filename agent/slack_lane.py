@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from agent.backoff import Backoff
 from agent.log import event
-from agent.slack_api import RATELIMITED, TRANSIENT, WORKER, ApiFailure
+from agent.slack_api import POSTS, RATELIMITED, TRANSIENT, WORKER, ApiFailure
 from agent.slack_jobs import Delivery, Job
 
 if TYPE_CHECKING:
     from agent.slack_outbound import Outbound
 
 POST_INTERVAL = 1.0  # Slack allows about one message per second per channel
-POSTS = frozenset({"chat.postMessage", "chat.postEphemeral", "chat.update", "files.upload"})
 POST_BACKOFF = 1.0
 POST_BACKOFF_MAX = 60.0
 IDLE_WAIT = 0.5

@@ -20,6 +20,7 @@ from agent.agentenv import agent_workdir
 from agent.backoff import Backoff
 from agent.config import Config, SlackProfileConfig
 from agent.log import event
+from agent.metrics import NO_METRICS, Metrics
 from agent.queue import Queue
 from agent.slack_api import (
     CONNECTING,
@@ -49,11 +50,18 @@ SERVE_TICK = 0.5
 class ProfileLink:
     """One profile: its connection thread, its state, its units."""
 
-    def __init__(self, name: str, profile: SlackProfileConfig, config: Config, queue: Queue):
+    def __init__(
+        self,
+        name: str,
+        profile: SlackProfileConfig,
+        config: Config,
+        queue: Queue,
+        metrics: Metrics = NO_METRICS,
+    ):
         self.name = name
         self.profile = profile
         self.store = ProfileStore(config.state_dir, name)
-        self.api = SlackApi(name, config.slack.api_base_url)
+        self.api = SlackApi(name, config.slack.api_base_url, metrics)
         self.stop_event = threading.Event()
         self.kick = threading.Event()  # wakes the serve loop (a problem, stop)
         # under the queue's files/: the only place a message's `files` may point to
@@ -77,7 +85,7 @@ class ProfileLink:
         self.inbound = Inbound(
             name, profile, self.api, self.store, queue, self.outbound, self.files
         )
-        self.envelopes = Envelopes(self.inbound)
+        self.envelopes = Envelopes(self.inbound, metrics)
         self.backfill = Backfill(
             name, self.api, self.inbound, self._backfill_channels, self.stop_event.wait
         )

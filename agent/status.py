@@ -14,7 +14,7 @@ from typing import Any
 from agent import errors
 from agent.clock import parse_iso
 from agent.config import Config
-from agent.health import degraded_reasons, is_hung, supervisor_health
+from agent.health import degraded_reasons, is_hung, loop_silent, supervisor_health
 from agent.lock import probe
 from agent.state import (
     PreviousRun,
@@ -29,7 +29,6 @@ from agent.states import ALIVE_STATES, LIVE_PHASES, WorkerState
 # What status calls a worker whose supervisor crashed while it was alive; `last_state`
 # keeps the state it was last seen in, and its heartbeat age says when it went silent.
 CRASHED = "crashed"
-STATE_STALE_MARGIN = 5.0  # seconds beyond hang_timeout before a silent state file counts
 
 
 def collect_status(
@@ -127,10 +126,7 @@ def _previous(previous: PreviousRun | None) -> dict[str, Any] | None:
 
 
 def _stale(sup: SupervisorRecord, now: float, hang_timeout: float) -> str | None:
-    stale = _state_file_age(sup, now)
-    if stale is not None and stale > hang_timeout + STATE_STALE_MARGIN:
-        return f"supervisor has not updated its state for {stale:.0f}s"
-    return None
+    return loop_silent(_state_file_age(sup, now), hang_timeout)
 
 
 WORKER_KEYS = ("name", "state", "last_heartbeat", "heartbeat_age_s", "restarts", "last_error")

@@ -27,6 +27,7 @@ from agent.faults import ENV_VAR, parse_faults
 from agent.health import degraded_reasons, is_hung, status_line, supervisor_health
 from agent.lock import SupervisorLock
 from agent.log import event, set_level, shutdown_logging
+from agent.metrics import NO_METRICS, Metrics, SupervisorView, start_metrics
 from agent.notify import Notifier
 from agent.reload import ReloadPlan, plan_reload
 from agent.state import (
@@ -68,6 +69,7 @@ class Supervisor:
         self.faults: dict[str, str] = {}
         self.lock = SupervisorLock(config.lock_path)
         self.children = ChildProcesses()
+        self.metrics: Metrics = NO_METRICS  # served from the lock on, when [metrics] is on
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.phase = Phase.STARTING
         self.outcome = Outcome.RUNNING
@@ -88,6 +90,7 @@ class Supervisor:
         self._state_identity: tuple[int, ...] | None = None
         self.pulse_path = (config.runtime_dir or config.state_dir) / PULSE_FILE
         self._last_watchdog = 0.0
+        self._last_withheld = 0.0
         self._last_status = ""
 
     # ---- lifecycle
@@ -102,6 +105,9 @@ class Supervisor:
             raise
         try:
             prepare_agents(self.config)
+            # after the lock: a start that loses the race says "already running", never
+            # that the port is taken (by the winner)
+            self.metrics = start_metrics(self.config)
         except errors.AgentError as exc:
             self.notifier.failed(str(exc))
             self.lock.release()
@@ -112,6 +118,7 @@ class Supervisor:
             self._record_failure(exc)
             raise errors.AgentError(f"supervisor failed: {type(exc).__name__}: {exc}") from exc
         finally:
+            self.metrics.close()
             self.lock.release()
 
     def _record_failure(self, exc: Exception) -> None:
@@ -160,7 +167,7 @@ class Supervisor:
 
     def _build_runners(self) -> None:
         policy = RestartPolicy.from_config(self.config.supervisor)
-        for name, worker in build_workers(self.config).items():
+        for name, worker in build_workers(self.config, self.metrics).items():
             if worker is None:
                 self.disabled.append(DisabledWorker(name))
             else:
@@ -173,6 +180,7 @@ class Supervisor:
             self.children,
             fault=self.faults.get(worker.name),
             stop_timeout=self.config.supervisor.stop_timeout,
+            metrics=self.metrics,
         )
 
     def _wait_for_first_initialize(self) -> bool:
@@ -186,6 +194,7 @@ class Supervisor:
 
     def _become_ready(self) -> None:
         self._move(Phase.READY)
+        self._publish_metrics()
         summary = self._status_line()
         self.notifier.ready(summary)
         self._last_status = summary
@@ -207,6 +216,7 @@ class Supervisor:
             runner.check_heartbeat(now, self.config.supervisor.hang_timeout)
         self._ping_watchdog(now)
         self._update_status_line()
+        self._publish_metrics()
         self._flush_state()
 
     def _check_lock(self) -> None:
@@ -270,7 +280,7 @@ class Supervisor:
                 )
             self.runners.remove(runner)
         self.disabled = [d for d in self.disabled if d.name != name]
-        worker = build_worker(self.config, name)
+        worker = build_worker(self.config, name, self.metrics)
         if worker is None:
             self.disabled.append(DisabledWorker(name))
             return
@@ -318,6 +328,7 @@ class Supervisor:
         )
         for runner in self.runners:
             runner.request_stop()
+        self._publish_metrics()
         self._flush_state(force=True)
         forced = self._wait_for_workers(self.config.supervisor.stop_timeout)
         stragglers = [r for r in self.runners if r.is_alive() and r.mark_shutdown_timeout()]
@@ -344,6 +355,7 @@ class Supervisor:
         if not stragglers:
             return errors.EXIT_OK
         # Threads cannot be killed: end the process, the only way to stop them.
+        self.metrics.close()
         self.lock.release()
         shutdown_logging()
         os._exit(errors.RUN_FORCED if forced else errors.RUN_SHUTDOWN_TIMEOUT)
@@ -445,11 +457,24 @@ class Supervisor:
         if self.workers_fresh(now):
             self.notifier.watchdog()
             self._last_watchdog = now
+        elif now - self._last_withheld >= interval:  # counted once per ping it replaces
+            self._last_withheld = now
+            self.metrics.watchdog_withheld()
 
     def health(self) -> str:
         """healthy or degraded, by the rules `agentctl status` applies too (agent.health)."""
         workers = [(r.state, r.health_detail()) for r in self.runners]
         return supervisor_health(workers, [self.problem, self.state_error])
+
+    def _publish_metrics(self) -> None:
+        """Worker states and health for the next scrape (agent.metrics reads, never asks)."""
+        if not self.metrics.enabled:
+            return
+        workers = [(r.name, str(r.state)) for r in self.runners]
+        workers += [(d.name, str(WorkerState.DISABLED)) for d in self.disabled]
+        workers.sort(key=lambda w: WORKER_NAMES.index(w[0]))
+        view = SupervisorView(self.health(), tuple(workers), self.config.supervisor.hang_timeout)
+        self.metrics.publish(view)
 
     def _status_line(self) -> str:
         """STATUS=: health, name=state per worker, then why it is degraded, if it is."""

@@ -30,6 +30,7 @@ from agent.config import SupervisorConfig
 from agent.faults import InjectedFault
 from agent.health import initialize_overdue, is_degraded, is_hung
 from agent.log import event
+from agent.metrics import NO_METRICS, Metrics
 from agent.states import ALIVE_STATES, WorkerState, check_worker_transition
 
 HEARTBEAT_SECONDS = 1.0  # how often an idle worker loop proves it is alive
@@ -118,8 +119,10 @@ class WorkerRunner:
         children: ChildProcesses,
         fault: str | None = None,
         stop_timeout: float = 10.0,
+        metrics: Metrics = NO_METRICS,
     ):
         self.worker = worker
+        self.metrics = metrics
         self.name = worker.name
         self.policy = policy
         self.fault = fault
@@ -254,6 +257,7 @@ class WorkerRunner:
                 return
             with self._lock:
                 self.restarts += 1
+            self.metrics.worker_restarted(self.name)
             event(
                 "worker.restarting",
                 f"restarting worker {self.name} (restart {self.restarts})",

@@ -1,16 +1,18 @@
-"""The registry of workers: which exist, in which order, and which the config enables."""
+"""The registry of workers: which exist, in which order, and which the config enables.
+Each is given the supervisor's Metrics (agent.metrics; the no-op while metrics are off)."""
 
 from agent.config import Config
+from agent.metrics import NO_METRICS, Metrics
 from agent.states import WORKER_NAMES
 from agent.worker import Worker
 
 
-def build_workers(config: Config) -> dict[str, Worker | None]:
+def build_workers(config: Config, metrics: Metrics = NO_METRICS) -> dict[str, Worker | None]:
     """Every known worker by name, in start order; None for one the config switches off."""
-    return {name: build_worker(config, name) for name in WORKER_NAMES}
+    return {name: build_worker(config, name, metrics) for name in WORKER_NAMES}
 
 
-def build_worker(config: Config, name: str) -> Worker | None:
+def build_worker(config: Config, name: str, metrics: Metrics = NO_METRICS) -> Worker | None:
     """One worker built from config; None when the config switches it off."""
     from agent.workers.dispatcher import DispatcherWorker
     from agent.workers.heartbeat import HeartbeatWorker
@@ -18,11 +20,11 @@ def build_worker(config: Config, name: str) -> Worker | None:
     from agent.workers.slack import SlackWorker
 
     if name == "queue":
-        return QueueWorker(config)
+        return QueueWorker(config, metrics=metrics)
     if name == "dispatcher":
-        return DispatcherWorker(config)
+        return DispatcherWorker(config, metrics=metrics)
     if name == "slack":
-        return SlackWorker(config) if config.slack.enabled else None
+        return SlackWorker(config, metrics) if config.slack.enabled else None
     if name == "heartbeat":
         return HeartbeatWorker(config) if config.heartbeat.interval > 0 else None
     raise ValueError(f"unknown worker {name!r}")

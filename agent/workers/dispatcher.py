@@ -23,6 +23,7 @@ from agent.config import Config
 from agent.handoff import Handoff, handoff_for
 from agent.lanes import Lanes
 from agent.log import event
+from agent.metrics import NO_METRICS, Metrics
 from agent.queue import Message, Queue, is_machine_trouble, make_reply
 from agent.runledger import RunLedger
 from agent.sessions import SessionStore
@@ -38,8 +39,11 @@ NO_AGENT = "no agent configured: add an [agents.default] table (agentctl init)"
 class DispatcherWorker(Worker):
     name = "dispatcher"
 
-    def __init__(self, config: Config, handoff: Handoff | None = None):
+    def __init__(
+        self, config: Config, handoff: Handoff | None = None, metrics: Metrics = NO_METRICS
+    ):
         self.config = config
+        self.metrics = metrics
         self.settings = config.dispatcher
         self.queue = Queue(config.queue_dir)
         self.handoff = handoff or handoff_for(config.queue_dir)
@@ -254,8 +258,9 @@ class DispatcherWorker(Worker):
         """One run of the agent, with its own home and environment; its health recorded."""
         assert self.ctx is not None
         env = agent_environment(self.config, agent_name, _message_env(message))
+        started = time.monotonic()
         with self._health_lock:
-            self.runs_started[number] = time.monotonic()
+            self.runs_started[number] = started
         try:
             result = run_agent(
                 self.ctx.children,
@@ -270,6 +275,8 @@ class DispatcherWorker(Worker):
         finally:
             with self._health_lock:
                 self.runs_started.pop(number, None)
+        if not result.stopped:
+            self.metrics.agent_run(agent_name, time.monotonic() - started)
         if not result.stopped and not result.resume_rejected:
             self._record_health(agent_name, result)
         return result
@@ -304,7 +311,7 @@ class DispatcherWorker(Worker):
         try:
             agent_name = choose_agent(self.config.agents, message.data.get("agent"))
         except ValueError as exc:
-            self._fail(message, str(exc))
+            self._fail(message, str(exc), None)
             return FAILED, 0.0
         started = time.monotonic()
         result = self._run(agent_name, message, stop, number)
@@ -313,9 +320,11 @@ class DispatcherWorker(Worker):
         if result.ok:
             written = self.queue.write_reply(message, make_reply(message, result.reply, agent_name))
             if written.parent == self.queue.failed:  # a duplicate messageId: not our reply
-                self._counted_failure(message, f"duplicate messageId; failed as {written.name}")
+                reason = f"duplicate messageId; failed as {written.name}"
+                self._counted_failure(message, reason, agent_name)
                 return FAILED, 0.0
             self.queue.done(message.name)
+            self.metrics.message_done(agent_name)
             self.done += 1
             self.last_processed = time.time()
             event(
@@ -339,7 +348,7 @@ class DispatcherWorker(Worker):
         if isinstance(exc, OSError) and is_machine_trouble(exc):
             return RETRY, self.settings.retry_backoff_max
         try:
-            self._fail(message, reason)
+            self._fail(message, reason, None)
         except Exception:  # failing it needs the disk too
             return RETRY, self.settings.retry_backoff_max
         return FAILED, 0.0
@@ -348,12 +357,13 @@ class DispatcherWorker(Worker):
         attempts = message.attempts + 1
         if attempts >= self.settings.max_attempts:
             message.data["attempts"] = attempts
-            self._fail(message, f"agent '{agent}' failed {attempts} time(s); last: {error}")
+            self._fail(message, f"agent '{agent}' failed {attempts} time(s); last: {error}", agent)
             return FAILED, 0.0
         self.queue.record_attempt(message, error)
         delay = min(
             self.settings.retry_backoff * 2 ** (attempts - 1), self.settings.retry_backoff_max
         )
+        self.metrics.message_retried(agent)
         self.retries += 1
         self.last_error = f"{message.message_id}: {error}"
         event(
@@ -370,11 +380,15 @@ class DispatcherWorker(Worker):
         )
         return RETRY, delay
 
-    def _fail(self, message: Message, reason: str) -> None:
+    def _fail(self, message: Message, reason: str, agent: str | None) -> None:
         target = self.queue.fail(message.name, reason, message)
-        self._counted_failure(message, reason, target)
+        self._counted_failure(message, reason, agent, target)
 
-    def _counted_failure(self, message: Message, reason: str, target: str | None = None) -> None:
+    def _counted_failure(
+        self, message: Message, reason: str, agent: str | None, target: str | None = None
+    ) -> None:
+        """One message in failed/; agent None when it failed before one was chosen."""
+        self.metrics.message_failed(agent)
         self.failed += 1
         self.last_processed = time.time()
         self.last_error = f"{message.message_id}: {reason}"

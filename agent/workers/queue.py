@@ -32,6 +32,7 @@ from agent.config import Config
 from agent.dirwatch import DirWatcher
 from agent.handoff import Handoff, handoff_for
 from agent.log import event
+from agent.metrics import NO_METRICS, Metrics
 from agent.queue import (
     DUPLICATE,
     Entry,
@@ -83,8 +84,11 @@ def backoff(failures: int) -> float:
 class QueueWorker(Worker):
     name = "queue"
 
-    def __init__(self, config: Config, handoff: Handoff | None = None):
+    def __init__(
+        self, config: Config, handoff: Handoff | None = None, metrics: Metrics = NO_METRICS
+    ):
         self.queue = Queue(config.queue_dir)
+        self.metrics = metrics
         self.handoff = handoff or handoff_for(config.queue_dir)
         self.stall_timeout = config.queue.stall_timeout
         self.agents = config.agents
@@ -241,20 +245,21 @@ class QueueWorker(Worker):
             self._defer(name, str(exc))
             return False
         except InvalidMessage as exc:
-            return self._reject(name, str(exc))
+            return self._reject(name, str(exc), "invalid")
         duplicate = self._duplicate_of(message)
         if duplicate is not None:
             reason = f"{DUPLICATE}: {duplicate} holds another message with this id"
-            return self._reject(name, reason, message, duplicate=True)
+            return self._reject(name, reason, "duplicate", message)
         try:
-            choose_agent(self.agents, message.data.get("agent"))
+            agent = choose_agent(self.agents, message.data.get("agent"))
         except ValueError as exc:  # fails here, without taking a place in the hand-off
-            return self._reject(name, str(exc), message)
-        self._hand_over(message)
+            return self._reject(name, str(exc), "unknown_agent", message)
+        self._hand_over(message, agent)
         return False
 
-    def _hand_over(self, message: Message) -> None:
+    def _hand_over(self, message: Message, agent: str) -> None:
         self._remember_in_flight(message)
+        self.metrics.message_claimed(agent)
         self.claimed += 1
         self.last_claimed = time.time()
         event(
@@ -287,15 +292,16 @@ class QueueWorker(Worker):
 
     # ---- bad entries and trouble
 
-    def _reject(
-        self, name: str, reason: str, message: Message | None = None, duplicate: bool = False
-    ) -> bool:
-        """failed/ with its reason and one event; True when failed/ needs an fsync."""
+    def _reject(self, name: str, reason: str, why: str, message: Message | None = None) -> bool:
+        """failed/ with its reason and one event; True when failed/ needs an fsync. `why`:
+        invalid, duplicate or unknown_agent (the label of agent_messages_rejected_total)."""
+        duplicate = why == "duplicate"
         try:
             target = self.queue.fail(name, reason, message, sync=False, duplicate=duplicate)
         except OSError as exc:
             self._cannot_fail(name, exc)
             return False
+        self.metrics.message_rejected(why)
         self.failed += 1
         self.last_error = f"{printable(name)}: {reason}"
         event(

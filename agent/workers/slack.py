@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.config import Config
 from agent.dirwatch import DirWatcher
+from agent.metrics import NO_METRICS, Metrics
 from agent.queue import InvalidMessage, MachineTrouble, Queue
 from agent.slack_api import RUNNING, WORKER, redact
 from agent.slack_link import ProfileLink
@@ -27,8 +28,9 @@ SCAN_SECONDS = 0.25  # outgoing/ and failed/ are looked at this often (and at on
 class SlackWorker(Worker):
     name = WORKER
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, metrics: Metrics = NO_METRICS):
         self.config = config
+        self.metrics = metrics
         self.links: dict[str, ProfileLink] = {}
         self.queue = Queue(config.queue_dir)  # every look at queue/ goes through it
         self._failures_seen: set[str] = set()  # reason files already looked at
@@ -37,7 +39,7 @@ class SlackWorker(Worker):
     def initialize(self, ctx: WorkerContext) -> None:
         self.queue.ensure_dirs()
         self.links = {
-            name: ProfileLink(name, profile, self.config, self.queue)
+            name: ProfileLink(name, profile, self.config, self.queue, self.metrics)
             for name, profile in self.config.slack.profiles.items()
         }
         for link in self.links.values():
