@@ -44,6 +44,7 @@ GUEST_PACKAGES = (
     "python3-systemd",
     "python3-sdnotify",
     "python3-pythonjsonlogger",
+    "python3-prometheus-client",
 )
 SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage")
