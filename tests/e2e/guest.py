@@ -27,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("AGENT_E2E_CACHE", "/var/cache/agent-e2e"))
@@ -271,32 +272,32 @@ def _remove_cgroup(path: Path) -> None:
         path.rmdir()
 
 
-# ---- the guest
+# ---- a container on an overlay
 
 
-class Guest:
-    """One booted systemd container. Use as a context manager, or boot() / teardown()."""
+class Container:
+    """What Guest and stock.Machine share: systemd-nspawn on an overlay of a cached rootfs.
 
-    def __init__(
-        self,
-        name: str | None = None,
-        rootfs: Path | None = None,
-        binds: Sequence[tuple[Path, str]] = (),
-    ):
-        self.name = name or f"agent-e2e-{os.getpid()}"
+    The overlay's layers live in a run directory under /var/tmp (on a tmpfs, if asked), the
+    container in a dedicated host cgroup; __enter__ sets up (tearing down if that fails),
+    __exit__ and teardown() stop the container and remove all of it, and leftovers() names
+    what is still there. A subclass says how to set up (_setup) and how to end a running
+    nspawn (_end_nspawn).
+    """
+
+    def __init__(self, name: str, rootfs: Path | None):
+        self.name = name
         self.rootfs = rootfs
-        self.binds = list(binds)  # (host path, guest path), bound read-only
         self.run_dir: Path | None = None
         self.merged: Path | None = None
         self.cgroups = [root / self.name for root in _cgroup_roots()]
         self.proc: subprocess.Popen | None = None
         self.leader: int | None = None
         self.console_log: Path | None = None
-        self.install_path: str | None = None  # where the .deb was copied into the guest
 
-    def __enter__(self) -> "Guest":
+    def __enter__(self) -> Self:
         try:
-            self.boot()
+            self._setup()
         except BaseException:
             self.teardown()
             raise
@@ -305,61 +306,175 @@ class Guest:
     def __exit__(self, *exc: object) -> None:
         self.teardown()
 
-    # -- boot
+    def _setup(self) -> None:
+        raise NotImplementedError
 
-    def boot(self) -> None:
-        rootfs = self.rootfs or ensure_rootfs()
+    def _end_nspawn(self) -> None:
+        """End the running nspawn (called by teardown only while it runs)."""
+        raise NotImplementedError
+
+    # -- up
+
+    def _mount_overlay(self, lower: Path, tmpfs_size: str | None = None) -> None:
+        """A fresh run directory (a tmpfs of tmpfs_size, if given) and the overlay in it."""
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/var/tmp"))
+        if tmpfs_size is not None:
+            scratch = f"mode=0700,size={tmpfs_size}"
+            _check(["mount", "-t", "tmpfs", "-o", scratch, "tmpfs", str(self.run_dir)])
         upper, work, self.merged = (self.run_dir / d for d in ("upper", "work", "root"))
         for d in (upper, work, self.merged):
             d.mkdir()
-        options = f"lowerdir={rootfs},upperdir={upper},workdir={work}"
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
         _check(["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)])
-        self.console_log = self.run_dir / "console.log"
+
+    def _spawn(self, options: Sequence[str], stdin: int) -> None:
+        """Start systemd-nspawn on the overlay, in this container's cgroups, with these
+        options (and the command to run, if any, last); its output goes to console_log."""
+        assert self.merged is not None and self.run_dir is not None
         into_cgroup = "; ".join(
             f"mkdir -p {cg} && echo $$ > {cg}/cgroup.procs" for cg in self.cgroups
         )
-        nspawn = (
-            f"exec systemd-nspawn --register=no --keep-unit --private-network -M {self.name} "
-            f"-D {self.merged} --console=read-only"
-            + "".join(f" --bind-ro={host}:{inside}" for host, inside in self.binds)
-            + " -b"
+        nspawn = " ".join(
+            [
+                "exec systemd-nspawn --register=no --keep-unit",
+                f"-M {self.name} -D {self.merged}",
+                *options,
+            ]
         )
-        started = time.monotonic()
+        self.console_log = self.run_dir / "console.log"
         with open(self.console_log, "wb") as console:
             self.proc = subprocess.Popen(
                 ["bash", "-c", f"{into_cgroup}; {nspawn}"],
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=_host_env(),
             )
-        self.leader = self._wait_leader(started + BOOT_TIMEOUT)
+
+    def _wait_leader(self, deadline: float, ready: Callable[[Path], bool], what: str) -> int:
+        """The container's PID 1, once ready(its root seen from the host) holds."""
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise GuestError(f"systemd-nspawn exited with {code}:\n{self.tail()}")
+            leader = _child_of(self.proc.pid)
+            if leader and ready(Path(f"/proc/{leader}/root")):
+                return leader
+            time.sleep(0.05)
+        raise GuestError(f"{what} did not start in time\n{self.tail()}")
+
+    def tail(self) -> str:
+        """The last lines of the container's console."""
+        if self.console_log and self.console_log.exists():
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
+        return ""
+
+    def _nsenter(self, argv: Sequence[str], variables: Sequence[str] = ()) -> list[str]:
+        """argv run inside (all the container's namespaces, a clean environment)."""
+        assert self.leader is not None
+        env = [f"PATH={SYSPATH}", *variables]
+        return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env, *argv]
+
+    # -- down
+
+    def teardown(self) -> list[str]:
+        """Stop everything this container made; returns what could not be cleaned (empty: all)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._end_nspawn()
+        self.leader = None
+        mounts = (self.merged, self.run_dir)  # the overlay, then the tmpfs under it (if any)
+        for mount in mounts:
+            if mount is not None and os.path.ismount(mount):
+                done = subprocess.run(["umount", str(mount)], capture_output=True, check=False)
+                if done.returncode != 0:
+                    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        for cg in self.cgroups:
+            _remove_cgroup(cg)
+        for d in (
+            "/run/systemd/nspawn/propagate",
+            "/run/systemd/nspawn/locks",
+            "/run/systemd/nspawn",
+            "/run/systemd/nspawn-root",
+        ):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if self.run_dir is not None and not any(m and os.path.ismount(m) for m in mounts):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        problems = self.leftovers()
+        if problems:
+            log(f"teardown left: {problems}")
+        return problems
+
+    def _signal(self, signals: Sequence[signal.Signals | None]) -> None:
+        """Send nspawn each signal in turn (None: none, just wait) until it exits."""
+        assert self.proc is not None
+        for sig in signals:
+            if sig is not None and self.proc.poll() is None:
+                log(f"{self.name} still up: sending {sig.name} to nspawn")
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT)
+                break
+
+    def leftovers(self) -> list[str]:
+        found = []
+        if self.proc is not None and self.proc.poll() is None:
+            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
+        if self.run_dir is not None:
+            if str(self.run_dir) in Path("/proc/self/mounts").read_text():
+                found.append(f"mount under {self.run_dir}")
+            if self.run_dir.exists():
+                found.append(f"directory {self.run_dir}")
+        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
+        return found
+
+
+# ---- the guest
+
+
+class Guest(Container):
+    """One booted systemd container. Use as a context manager, or boot() / teardown()."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        rootfs: Path | None = None,
+        binds: Sequence[tuple[Path, str]] = (),
+    ):
+        super().__init__(name or f"agent-e2e-{os.getpid()}", rootfs)
+        self.binds = list(binds)  # (host path, guest path), bound read-only
+        self.install_path: str | None = None  # where the .deb was copied into the guest
+
+    # -- boot
+
+    def _setup(self) -> None:
+        self.boot()
+
+    def boot(self) -> None:
+        self._mount_overlay(self.rootfs or ensure_rootfs())
+        started = time.monotonic()
+        self._spawn(
+            [
+                "--private-network --console=read-only",
+                *(f"--bind-ro={host}:{inside}" for host, inside in self.binds),
+                "-b",
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        self.leader = self._wait_leader(
+            started + BOOT_TIMEOUT,
+            lambda root: (root / "run/systemd/private").is_socket(),
+            "guest systemd",
+        )
         state = self.run(
             ["systemctl", "is-system-running", "--wait"], check=False, timeout=BOOT_TIMEOUT
         ).stdout.strip()
         if state not in ("running", "degraded"):
-            raise GuestError(f"guest did not come up: state {state!r}\n{self._console_tail()}")
+            raise GuestError(f"guest did not come up: state {state!r}\n{self.tail()}")
         log(f"guest {self.name} up ({state}) in {time.monotonic() - started:.1f} s")
-
-    def _wait_leader(self, deadline: float) -> int:
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise GuestError(
-                    f"systemd-nspawn exited with {self.proc.returncode}:\n{self._console_tail()}"
-                )
-            leader = _child_of(self.proc.pid)
-            if leader and Path(f"/proc/{leader}/root/run/systemd/private").is_socket():
-                return leader
-            time.sleep(0.05)
-        raise GuestError(f"guest systemd did not start in time\n{self._console_tail()}")
-
-    def _console_tail(self) -> str:
-        if self.console_log and self.console_log.exists():
-            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
-        return ""
 
     # -- inside the guest
 
@@ -374,13 +489,9 @@ class Guest:
         """Run a command inside the guest (all its namespaces, a clean environment)."""
         if self.leader is None:
             raise GuestError("guest is not booted")
-        variables = [
-            f"PATH={SYSPATH}",
-            "LANG=C.UTF-8",
-            *(f"{k}={v}" for k, v in (env or {}).items()),
-        ]
+        variables = ["LANG=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items())]
         done = subprocess.run(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *variables, *argv],
+            self._nsenter(argv, variables),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -418,71 +529,17 @@ class Guest:
 
     # -- teardown
 
-    def teardown(self) -> list[str]:
-        """Stop everything this guest made; returns what could not be cleaned (empty: all)."""
-        if self.proc is not None and self.proc.poll() is None:
-            if self.leader is not None:
-                with contextlib.suppress(Exception):
-                    subprocess.run(
-                        [
-                            "nsenter",
-                            "-t",
-                            str(self.leader),
-                            "-a",
-                            "env",
-                            "-i",
-                            f"PATH={SYSPATH}",
-                            "systemctl",
-                            "poweroff",
-                            "--no-block",
-                        ],
-                        capture_output=True,
-                        timeout=STOP_TIMEOUT,
-                        check=False,
-                    )
-            for sig in (None, signal.SIGTERM, signal.SIGKILL):
-                if sig is not None and self.proc.poll() is None:
-                    log(f"guest {self.name} still up: sending {sig.name} to nspawn")
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.send_signal(sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(STOP_TIMEOUT)
-                    break
-        self.leader = None
-        problems = []
-        if self.merged is not None and os.path.ismount(self.merged):
-            done = subprocess.run(["umount", str(self.merged)], capture_output=True, check=False)
-            if done.returncode != 0:
-                subprocess.run(["umount", "-l", str(self.merged)], capture_output=True, check=False)
-        for cg in self.cgroups:
-            _remove_cgroup(cg)
-        for d in (
-            "/run/systemd/nspawn/propagate",
-            "/run/systemd/nspawn/locks",
-            "/run/systemd/nspawn",
-            "/run/systemd/nspawn-root",
-        ):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        if self.run_dir is not None and not (self.merged and os.path.ismount(self.merged)):
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        problems = self.leftovers()
-        if problems:
-            log(f"teardown left: {problems}")
-        return problems
-
-    def leftovers(self) -> list[str]:
-        found = []
-        if self.proc is not None and self.proc.poll() is None:
-            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
-        if self.run_dir is not None:
-            mounts = Path("/proc/self/mounts").read_text()
-            if str(self.run_dir) in mounts:
-                found.append(f"mount under {self.run_dir}")
-            if self.run_dir.exists():
-                found.append(f"directory {self.run_dir}")
-        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
-        return found
+    def _end_nspawn(self) -> None:
+        """Power the guest off; signal nspawn if that does not end it in time."""
+        if self.leader is not None:
+            with contextlib.suppress(Exception):
+                subprocess.run(
+                    self._nsenter(["systemctl", "poweroff", "--no-block"]),
+                    capture_output=True,
+                    timeout=STOP_TIMEOUT,
+                    check=False,
+                )
+        self._signal([None, signal.SIGTERM, signal.SIGKILL])
 
 
 def _child_of(pid: int) -> int | None:
