@@ -120,20 +120,39 @@ def _mirror() -> str:
 def ensure_rootfs() -> Path:
     """The cached guest rootfs, made by debootstrap (~75 s) the first time."""
     root = CACHE_DIR / f"rootfs-{rootfs_key()}"
+
+    def finish(tree: Path) -> None:
+        # no first-boot logic in the guest: a fixed machine id, an empty journal
+        (tree / "etc/machine-id").write_text(hashlib.md5(root.name.encode()).hexdigest() + "\n")
+        for path in (tree / "var/log/journal").glob("*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    return cached_debootstrap(root, GUEST_PACKAGES, finish, sign="lib/systemd/systemd")
+
+
+def cached_debootstrap(
+    root: Path,
+    packages: Sequence[str],
+    finish: Callable[[Path], None],
+    sign: str = "",
+) -> Path:
+    """root: a minbase SUITE with packages, then finish(tree), made once (under CACHE_DIR's
+    lock, in a scratch tree renamed into place when complete) and reused while root/sign
+    exists."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its result
-        if (root / "lib/systemd/systemd").exists():
+        if (root / sign).exists():
             return root
-        tmp = CACHE_DIR / f".build-{os.getpid()}"
+        tmp = CACHE_DIR / f".build-{root.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        log(f"debootstrap {SUITE} minbase -> {root} (once; ~75 s)")
+        log(f"debootstrap {SUITE} minbase + {','.join(packages)} -> {root} (once; ~35-75 s)")
         started = time.monotonic()
         done = subprocess.run(
             [
                 "debootstrap",
                 "--variant=minbase",
-                f"--include={','.join(GUEST_PACKAGES)}",
+                f"--include={','.join(packages)}",
                 SUITE,
                 str(tmp),
                 _mirror(),
@@ -143,15 +162,16 @@ def ensure_rootfs() -> Path:
             env=_host_env(),
             check=False,
         )
-        if done.returncode != 0:
+        try:
+            if done.returncode != 0:
+                output = (done.stdout + done.stderr)[-3000:]
+                raise GuestError(f"debootstrap failed ({done.returncode}):\n{output}")
+            finish(tmp)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise GuestError(f"debootstrap failed ({done.returncode}):\n{done.stdout[-3000:]}")
-        # no first-boot logic in the guest: a fixed machine id, an empty journal
-        (tmp / "etc/machine-id").write_text(hashlib.md5(root.name.encode()).hexdigest() + "\n")
-        for path in (tmp / "var/log/journal").glob("*"):
-            shutil.rmtree(path, ignore_errors=True)
+            raise
         tmp.rename(root)
-        log(f"rootfs ready in {time.monotonic() - started:.0f} s")
+        log(f"{root.name} ready in {time.monotonic() - started:.0f} s")
         return root
 
 

@@ -25,10 +25,8 @@ Standard library only, like guest.py (whose pieces it reuses).
 """
 
 import contextlib
-import fcntl
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,10 +42,9 @@ from tests.e2e.guest import (
     GuestError,
     _child_of,
     _host_env,
-    _mirror,
+    cached_debootstrap,
     cannot_boot_reason,
     copy_sources,
-    log,
     sigterm_interrupts,
 )
 
@@ -73,36 +70,7 @@ def stock_key() -> str:
 
 def ensure_stock_rootfs() -> Path:
     """The cached stock rootfs, made by debootstrap (~35-75 s) the first time."""
-    root = CACHE_DIR / f"stock-{stock_key()}"
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its result
-        if root.is_dir():  # renamed into place only when complete
-            return root
-        tmp = CACHE_DIR / f".stock-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        log(f"debootstrap {SUITE} minbase + {','.join(STOCK_PACKAGES)} -> {root} (once)")
-        started = time.monotonic()
-        argv = ["debootstrap", "--variant=minbase", f"--include={','.join(STOCK_PACKAGES)}"]
-        done = subprocess.run(
-            [*argv, SUITE, str(tmp), _mirror()],
-            capture_output=True,
-            text=True,
-            env=_host_env(),
-            check=False,
-        )
-        if done.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            output = (done.stdout + done.stderr)[-3000:]
-            raise GuestError(f"debootstrap failed ({done.returncode}):\n{output}")
-        try:
-            _make_stock(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(root)
-        log(f"stock rootfs ready in {time.monotonic() - started:.0f} s")
-        return root
+    return cached_debootstrap(CACHE_DIR / f"stock-{stock_key()}", STOCK_PACKAGES, _make_stock)
 
 
 def _make_stock(tree: Path) -> None:
