@@ -596,34 +596,50 @@ def install_deb(guest: Guest, deb: Path) -> None:
     guest.run(["dpkg", "-i", path], timeout=180)
 
 
-def main(argv: list[str]) -> int:
-    what = argv[1] if len(argv) > 1 else "rootfs"
-    reason = cannot_boot_reason()
+def keep_up(container: Container, enter: str) -> None:
+    """Say how to enter; wait for Ctrl-C, SIGTERM (see sigterm_interrupts) or nspawn's end."""
+    print(enter)
+    print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        while container.proc is not None and container.proc.poll() is None:
+            time.sleep(0.5)
+
+
+def command_line(
+    argv: list[str], commands: dict[str, Callable[[], object]], reason: str | None
+) -> int:
+    """`python3 -m MODULE [COMMAND]`: run commands[COMMAND] (the first one by default), unless
+    reason (why this host cannot) says no."""
+    what = argv[1] if len(argv) > 1 else next(iter(commands))
     if reason:
         print(f"cannot: {reason}", file=sys.stderr)
         return 1
-    if what == "rootfs":
-        print(ensure_rootfs())
-    elif what == "clis":
-        print(ensure_agent_clis())
-    elif what == "deb":
-        out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
-        print(build_deb(out))
-    elif what == "shell":
-        out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
-        deb = build_deb(out)
-        with sigterm_interrupts(), Guest() as guest:
-            install_deb(guest, deb)
-            print(f"guest up: nsenter -t {guest.leader} -a env -i PATH={SYSPATH} bash")
-            print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    signal.pause()
-        shutil.rmtree(out, ignore_errors=True)
-    else:
-        print(f"unknown command {what!r}: expected rootfs, clis, deb or shell", file=sys.stderr)
+    if what not in commands:
+        *others, last = commands
+        expected = f"{', '.join(others)} or {last}" if others else last
+        print(f"unknown command {what!r}: expected {expected}", file=sys.stderr)
         return 2
+    commands[what]()
     return 0
+
+
+def _shell() -> None:
+    out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
+    deb = build_deb(out)
+    with sigterm_interrupts(), Guest() as guest:
+        install_deb(guest, deb)
+        keep_up(guest, f"guest up: nsenter -t {guest.leader} -a env -i PATH={SYSPATH} bash")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    commands = {
+        "rootfs": lambda: print(ensure_rootfs()),
+        "clis": lambda: print(ensure_agent_clis()),
+        "deb": lambda: print(build_deb(Path(tempfile.mkdtemp(prefix="agent-deb-")))),
+        "shell": _shell,
+    }
+    return command_line(argv, commands, cannot_boot_reason())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Standard library only, like guest.py (whose pieces it reuses).
     python3 -m tests.e2e.stock shell    # a stock machine with this checkout in ~admin/agent
 """
 
-import contextlib
 import hashlib
 import os
 import signal
@@ -44,7 +43,9 @@ from tests.e2e.guest import (
     _host_env,
     cached_debootstrap,
     cannot_boot_reason,
+    command_line,
     copy_sources,
+    keep_up,
     sigterm_interrupts,
 )
 
@@ -232,27 +233,18 @@ class Machine(Container):
         return problems
 
 
+def _shell() -> None:
+    with sigterm_interrupts(), Machine(ensure_stock_rootfs()) as machine:
+        workdir = machine.copy_checkout()
+        machine.start()
+        keep_up(
+            machine, f"stock machine up: nsenter -t {machine.leader} -a su - {USER}  (~ {workdir})"
+        )
+
+
 def main(argv: list[str]) -> int:
-    what = argv[1] if len(argv) > 1 else "rootfs"
-    reason = cannot_run_reason()
-    if reason:
-        print(f"cannot: {reason}", file=sys.stderr)
-        return 1
-    if what == "rootfs":
-        print(ensure_stock_rootfs())
-    elif what == "shell":
-        with sigterm_interrupts(), Machine(ensure_stock_rootfs()) as machine:
-            workdir = machine.copy_checkout()
-            machine.start()
-            print(f"stock machine up: nsenter -t {machine.leader} -a su - {USER}  (~ {workdir})")
-            print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while machine.proc is not None and machine.proc.poll() is None:
-                    time.sleep(0.5)
-    else:
-        print(f"unknown command {what!r}: expected rootfs or shell", file=sys.stderr)
-        return 2
-    return 0
+    commands = {"rootfs": lambda: print(ensure_stock_rootfs()), "shell": _shell}
+    return command_line(argv, commands, cannot_run_reason())
 
 
 if __name__ == "__main__":
