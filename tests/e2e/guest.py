@@ -94,6 +94,13 @@ def _host_env() -> dict[str, str]:
     return env
 
 
+def _host_run(argv: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a host tool (debootstrap, chroot, dpkg-buildpackage) in _host_env, output captured."""
+    return subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, env=_host_env(), check=False
+    )
+
+
 # ---- the cached root file system
 
 
@@ -148,20 +155,8 @@ def cached_debootstrap(
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"debootstrap {SUITE} minbase + {','.join(packages)} -> {root} (once; ~35-75 s)")
         started = time.monotonic()
-        done = subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(packages)}",
-                SUITE,
-                str(tmp),
-                _mirror(),
-            ],
-            capture_output=True,
-            text=True,
-            env=_host_env(),
-            check=False,
-        )
+        include = f"--include={','.join(packages)}"
+        done = _host_run(["debootstrap", "--variant=minbase", include, SUITE, str(tmp), _mirror()])
         try:
             if done.returncode != 0:
                 output = (done.stdout + done.stderr)[-3000:]
@@ -219,14 +214,7 @@ def build_deb(out_dir: Path) -> Path:
         (src / "README.md").write_text("# agent\n")
     log("dpkg-buildpackage -us -uc -b")
     started = time.monotonic()
-    done = subprocess.run(
-        ["dpkg-buildpackage", "-us", "-uc", "-b"],
-        cwd=src,
-        capture_output=True,
-        text=True,
-        env=_host_env(),
-        check=False,
-    )
+    done = _host_run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src)
     if done.returncode != 0:
         raise GuestError(f"dpkg-buildpackage failed:\n{(done.stdout + done.stderr)[-4000:]}")
     debs = sorted(out_dir.glob("agent_*_all.deb"))

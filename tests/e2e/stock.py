@@ -40,7 +40,7 @@ from tests.e2e.guest import (
     Container,
     GuestError,
     _child_of,
-    _host_env,
+    _host_run,
     cached_debootstrap,
     cannot_boot_reason,
     command_line,
@@ -82,12 +82,8 @@ def _make_stock(tree: Path) -> None:
         "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\n"
         "ff02::2\tip6-allrouters\n"
     )
-    done = subprocess.run(
-        ["chroot", str(tree), "useradd", "--create-home", "--shell", "/bin/bash", USER],
-        capture_output=True,
-        text=True,
-        env=_host_env(),
-        check=False,
+    done = _host_run(
+        ["chroot", str(tree), "useradd", "--create-home", "--shell", "/bin/bash", USER]
     )
     if done.returncode != 0:
         raise GuestError(f"useradd {USER} in the stock rootfs failed: {done.stderr.strip()}")
