@@ -52,6 +52,7 @@ EVENTS: dict[str, str] = {
     "agent.failing": "an agent's runs keep failing (the dispatcher is degraded)",
     "agent.recovered": "a failing agent answered again",
     "session.reset": "a conversation's agent session was forgotten",
+    "session.unsaved": "an agent session could not be saved in the database",
     # the heartbeat
     "heartbeat.reply": "the agent answered the heartbeat",
     "heartbeat.missed": "a heartbeat got no reply in time",
@@ -70,7 +71,9 @@ EVENTS: dict[str, str] = {
     "slack.inbound.error": "a Slack event could not be handled",
     "slack.backfill": "missed Slack messages were fetched after a reconnect",
     "slack.backfill.failed": "fetching missed Slack messages failed",
+    "slack.backfill.busy": "another host is backfilling a Slack channel; this one tries later",
     "slack.reply.posted": "a reply was posted to Slack",
+    "slack.reply.elsewhere": "another host posted (or is posting) a reply: not posted here",
     "slack.reply.retry": "posting a reply failed; tried again",
     "slack.reply.error": "posting a reply met an error",
     "slack.reply.failed": "a reply could not be posted for good",

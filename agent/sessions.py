@@ -8,6 +8,9 @@ reads the file afresh: the dispatcher's run threads and `agentctl sessions reset
 change it at the same moment without losing each other's change. An unreadable or
 ill-shaped file counts as empty (every conversation starts afresh) and is replaced by the
 next change; it never stops a run.
+
+With [queue] backend = "postgres" the map is shared in the database instead
+(agent.pg.sessions.PgSessionStore, the same methods): open_session_store picks.
 """
 
 import contextlib
@@ -19,8 +22,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.pg.sessions import PgSessionStore
 
 FILE_NAME = "sessions.json"
 LOCK_NAME = "sessions.lock"
@@ -70,6 +78,9 @@ class SessionStore:
         with self._locked():
             return sorted(self._read().values(), key=lambda s: (s.conversation, s.agent))
 
+    def close(self) -> None:
+        pass
+
     # ---- the file
 
     @contextlib.contextmanager
@@ -105,6 +116,16 @@ class SessionStore:
         records = [asdict(s) for s in sessions.values()]
         data = json.dumps({"sessions": records}, sort_keys=True, indent=1) + "\n"
         atomic_write_bytes(self.path, data.encode(), mode=0o600)
+
+
+def open_session_store(config: "Config") -> "SessionStore | PgSessionStore":
+    """The session map of this configuration: state_dir/sessions.json, or with [queue]
+    backend = "postgres" the shared table (connected at first use)."""
+    if config.queue.backend != "postgres":
+        return SessionStore(config.state_dir)
+    from agent.pg.sessions import PgSessionStore
+
+    return PgSessionStore(config)
 
 
 def _well_formed(record: object) -> bool:

@@ -6,11 +6,12 @@ from dataclasses import asdict
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.errors import AgentError
-from agent.sessions import SessionStore
+from agent.sessions import open_session_store
 
 
 def print_sessions(config: Config, as_json: bool) -> None:
-    sessions = SessionStore(config.state_dir).all() if config.state_dir.is_dir() else []
+    shared = config.queue.backend == "postgres"
+    sessions = _all(config) if shared or config.state_dir.is_dir() else []
     if as_json:
         for session in sessions:
             print(json.dumps({**asdict(session), "last_used": iso_utc(session.last_used)}))
@@ -28,8 +29,20 @@ def print_sessions(config: Config, as_json: bool) -> None:
 
 
 def reset_session(config: Config, conversation: str, agent: str | None) -> None:
-    gone = SessionStore(config.state_dir).forget(conversation, agent)
+    store = open_session_store(config)
+    try:
+        gone = store.forget(conversation, agent)
+    finally:
+        store.close()
     if not gone:
         raise AgentError(f"no session for conversation {conversation!r}")
     for session in gone:
         print(f"forgot session {session.session_id} ({session.agent}, {conversation})")
+
+
+def _all(config: Config) -> list:
+    store = open_session_store(config)
+    try:
+        return store.all()
+    finally:
+        store.close()

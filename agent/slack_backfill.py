@@ -6,7 +6,9 @@ bot's most recently active threads, go through Inbound.accept like live events. 
 whose backfill succeeded is unpinned; one that failed stays pinned (its cursor does not
 move) and is tried again every RETRY seconds; a rate-limited page waits Retry-After. An
 auth failure stops the profile. Only the configured `channels` are backfilled (all
-channels the bot has seen when none are configured; DMs only with `allow_dm`).
+channels the bot has seen when none are configured; DMs only with `allow_dm`). A channel
+is backfilled during the store's backfill turn: with hosts sharing the database, one host
+at a time; a host that finds the turn taken leaves the channel pinned and retries it.
 """
 
 import logging
@@ -58,13 +60,17 @@ class Backfill:
         """Enqueue what is newer than each pinned cursor; raises SlackProblem on auth errors."""
         self.debt = set(plan)
         for channel, cursor in plan.items():
-            try:
-                count = self._channel(channel, cursor)
-            except ApiFailure as failure:
-                if failure.kind == AUTH:
-                    raise failure.problem() from None
-                self._failed(channel, failure)
-                continue
+            with self.inbound.store.backfill_turn(channel) as mine:
+                if not mine:  # another host backfills it now: its debt stays, retried
+                    self._busy(channel)
+                    continue
+                try:
+                    count = self._channel(channel, cursor)
+                except ApiFailure as failure:
+                    if failure.kind == AUTH:
+                        raise failure.problem() from None
+                    self._failed(channel, failure)
+                    continue
             self.cursors.unpin(channel)
             self.debt.discard(channel)
             if count:
@@ -85,6 +91,17 @@ class Backfill:
         for thread in self._recent_threads(channel, cursor):
             count += self._accept_all(channel, self._replies(channel, thread, cursor))
         return count
+
+    def _busy(self, channel: str) -> None:
+        event(
+            "slack.backfill.busy",
+            f"slack profile {self.name}: another host is backfilling {channel}; "
+            f"trying again in {RETRY:g}s",
+            worker=WORKER,
+            level=logging.DEBUG,
+            profile=self.name,
+            slack_channel=channel,
+        )
 
     def _failed(self, channel: str, failure: ApiFailure) -> None:
         event(

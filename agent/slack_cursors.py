@@ -10,10 +10,15 @@ already enqueued and the threads the bot follows. Every step of the protocol is 
 - `pin(channels)` before the socket opens: a pinned cursor does not move (moves are held),
   so a crash in the middle of a backfill loses nothing; `unpin(channel)` once that
   channel's backfill succeeded lets it pass what arrived meanwhile.
+
+Cursors keeps them in the host's files; agent.pg.slackstore.PgCursors (same methods) in
+the shared database. FileSlack hands out the files' pair for each profile, as
+agent.pg.slackstore.PgSlack does the database's.
 """
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.log import event
 from agent.slack_api import WORKER
@@ -27,9 +32,8 @@ class Cursors:
 
     def seen(self, channel: str, ts: str) -> bool:
         """Already enqueued (a redelivery, a backfill overlapping live events)."""
-        with self.store.lock:
-            if not self.store.channel(channel).already_seen(ts):
-                return False
+        if not self._already(channel, ts):
+            return False
         event(
             "slack.duplicate",
             f"slack profile {self.profile}: {channel}/{ts} already enqueued",
@@ -39,6 +43,10 @@ class Cursors:
             message_id=ts,
         )
         return True
+
+    def _already(self, channel: str, ts: str) -> bool:
+        with self.store.lock:
+            return self.store.channel(channel).already_seen(ts)
 
     def skip(self, channel: str, ts: str) -> None:
         with self.store.lock:
@@ -86,3 +94,14 @@ class Cursors:
 
     def known_channels(self) -> list[str]:
         return self.store.known_channels()
+
+
+class FileSlack:
+    """The Slack worker's memory in the host's files (state_dir/slack/): the default."""
+
+    def profile(self, state_dir: Path, name: str) -> tuple[ProfileStore, Cursors]:
+        store = ProfileStore(state_dir, name)
+        return store, Cursors(store, name)
+
+    def close(self) -> None:
+        pass

@@ -114,6 +114,7 @@ class Inbound:
         queue: Queue,
         outbound: Outbound,
         files: SharedFiles,
+        cursors: Cursors | None = None,
     ):
         self.name = name
         self.files = files
@@ -122,7 +123,7 @@ class Inbound:
         self.profile = profile
         self.api = api
         self.store = store
-        self.cursors = Cursors(store, name)
+        self.cursors = cursors if cursors is not None else Cursors(store, name)
         self.queue = queue
         self.users = UserNames(api)
         self.enqueued = 0

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.agentenv import agent_workdir
 from agent.backoff import Backoff
@@ -34,12 +34,20 @@ from agent.slack_api import (
 )
 from agent.slack_backfill import Backfill
 from agent.slack_connection import close, is_dead, open_socket
+from agent.slack_cursors import Cursors, FileSlack
 from agent.slack_envelopes import Envelopes
 from agent.slack_feedback import Reactions
 from agent.slack_files import SharedFiles
 from agent.slack_inbound import Inbound
 from agent.slack_outbound import Outbound, ReplySettings
 from agent.slack_store import ROUTE_MAX_AGE, ProfileStore
+
+
+class SlackStores(Protocol):
+    """Where the profiles' memory is: slack_cursors.FileSlack, agent.pg.slackstore.PgSlack."""
+
+    def profile(self, state_dir: Path, name: str) -> tuple[ProfileStore, Cursors]: ...
+
 
 RECONNECT_BACKOFF = 0.5  # first reconnect delay; doubles up to RECONNECT_BACKOFF_MAX
 RECONNECT_BACKOFF_MAX = 30.0
@@ -57,10 +65,12 @@ class ProfileLink:
         config: Config,
         queue: Queue,
         metrics: Metrics = NO_METRICS,
+        stores: SlackStores | None = None,
     ):
         self.name = name
         self.profile = profile
-        self.store = ProfileStore(config.state_dir, name)
+        # files by default; the shared database's with [queue] backend = "postgres"
+        self.store, cursors = (stores or FileSlack()).profile(config.state_dir, name)
         self.api = SlackApi(name, config.slack.api_base_url, metrics)
         self.stop_event = threading.Event()
         self.kick = threading.Event()  # wakes the serve loop (a problem, stop)
@@ -83,7 +93,7 @@ class ProfileLink:
             ),
         )
         self.inbound = Inbound(
-            name, profile, self.api, self.store, queue, self.outbound, self.files
+            name, profile, self.api, self.store, queue, self.outbound, self.files, cursors
         )
         self.envelopes = Envelopes(self.inbound, metrics)
         self.backfill = Backfill(

@@ -7,7 +7,9 @@ channel, its posts paced, its retries its own). Here is what each job does: an a
 stops the profile (the reply stays and is offered again after the reconnect), any other
 error moves the reply to queue/failed/ with a .reason file. A long reply is posted as
 ordered parts (slack_text.split), each recorded in the route, so a restart goes on where
-it stopped. A posted reply is removed from outgoing/ and its route dropped.
+it stopped. A posted reply is removed from outgoing/ and its route dropped. A reply is
+claimed in the store before its first post (one host posts it, with hosts sharing the
+database) and recorded as posted after its last part.
 Invariant: a reply is in at most one lane at a time (`pending`).
 """
 
@@ -27,10 +29,11 @@ from agent.slack_feedback import Reactions, failure_notice
 from agent.slack_files import SharedFiles
 from agent.slack_jobs import Delivery, Failure, Job, Notice, Progress, Reaction, Route
 from agent.slack_lane import Lane
-from agent.slack_store import ProfileStore
+from agent.slack_store import POST_BUSY, POST_MINE, POST_POSTED, ProfileStore
 from agent.slack_text import split, to_slack
 
 WORKING = "_Working on it…_"
+RECHECK_SECONDS = 5.0  # a reply another host is posting is looked at again after this
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Outbound:
         self.ready = ready  # the profile is connected: lanes may post
         self.on_problem = on_problem  # an auth failure: the profile must reconnect
         self.pending: set[str] = set()  # outgoing file names handed over and not finished
+        self.deferred: dict[str, float] = {}  # pending names another host is posting: until
         self.lock = threading.Lock()
         self.lanes: dict[str, Lane] = {}
         self.posted = 0
@@ -94,12 +98,16 @@ class Outbound:
                 self.waiting[route.message_id] = (time.monotonic() + self.progress_after, route)
 
     def tick(self) -> None:
-        """From the profile's serve loop: a Progress job for each run that outlasted it."""
+        """From the profile's serve loop: a Progress job for each run that outlasted it;
+        replies another host was posting are let go (the next scan offers them again)."""
         now = time.monotonic()
         with self.lock:
             due = [route for at, route in self.waiting.values() if at <= now]
             for route in due:
                 del self.waiting[route.message_id]
+            for name in [name for name, at in self.deferred.items() if at <= now]:
+                del self.deferred[name]
+                self.pending.discard(name)
         for route in due:
             self.submit(route.channel, Progress(route))
 
@@ -276,7 +284,15 @@ class Outbound:
         )
 
     def deliver(self, lane: "Lane", delivery: Delivery) -> None:
-        """Post a reply as ordered parts (each recorded), then upload what it attaches."""
+        """Post a reply as ordered parts (each recorded), then upload what it attaches.
+
+        First the reply is claimed (slack_store.claim_post): with hosts sharing the
+        database, a reply another host posted is dropped here, one another host is
+        posting now is offered again later."""
+        claim = self.store.claim_post(delivery.route.message_id)
+        if claim != POST_MINE:
+            self._elsewhere(delivery, claim)
+            return
         route = self._current(delivery.route)
         agent = str(delivery.reply.get("agent") or "")
         attach = extract(
@@ -285,7 +301,7 @@ class Outbound:
         text = "\n\n".join(t for t in (attach.text, attach.note()) if t)
         parts = [] if attach.paths and not text else split(to_slack(text))
         try:
-            attempts = self._post_parts(lane, route, parts)
+            attempts, last_ts = self._post_parts(lane, route, parts)
         except ApiFailure as failure:
             if failure.kind == AUTH:
                 self.on_problem(failure)
@@ -294,6 +310,7 @@ class Outbound:
             return
         if attach.paths and not route.attached and not self._upload(lane, route, attach):
             return  # auth failure: the reply stays, the rest comes after the reconnect
+        self.store.record_post(route.message_id, last_ts)
         self.queue.remove_reply(delivery.name)
         self.store.drop_route(route.message_id)
         self.files.remove(route.message_id)  # the message is done: its files go
@@ -312,24 +329,49 @@ class Outbound:
             attached=len(attach.paths),
         )
 
-    def _post_parts(self, lane: "Lane", route: Route, parts: list[str]) -> int:
-        """Each part in order; the first one replaces a "working on it" post if any."""
-        attempts = 0
+    def _post_parts(self, lane: "Lane", route: Route, parts: list[str]) -> tuple[int, str | None]:
+        """Each part in order; the first one replaces a "working on it" post if any.
+        The attempts made and the ts of the last part posted."""
+        attempts, last_ts = 0, None
         for number in range(route.parts_posted, len(parts)):
             if number == 0 and self._replace_progress(lane, route, parts[0]):
                 attempts += 1
+                last_ts = route.progress_ts
             else:
-                attempts += lane.call(
+                done = lane.call(
                     "chat.postMessage",
                     channel=route.channel,
                     text=parts[number],
                     thread_ts=route.thread_ts,
                     link_names=False,
                     unfurl_links=False,
-                ).attempts
+                )
+                attempts += done.attempts
+                last_ts = str(done.answer.get("ts") or "") or None
             if len(parts) > 1:
                 self.store.update_route(route.message_id, parts_posted=number + 1)
-        return attempts
+        return attempts, last_ts
+
+    def _elsewhere(self, delivery: Delivery, claim: str) -> None:
+        """Another host posted this reply (ours is a copy: removed) or is posting it now
+        (ours waits RECHECK_SECONDS, then is offered again: its claim may expire)."""
+        message_id = delivery.route.message_id
+        if claim == POST_POSTED:
+            self.queue.remove_reply(delivery.name)
+            self.files.remove(message_id)
+            self.finish(delivery.name)
+        else:
+            with self.lock:
+                self.deferred[delivery.name] = time.monotonic() + RECHECK_SECONDS
+        event(
+            "slack.reply.elsewhere",
+            f"slack profile {self.name}: reply to {message_id} is {claim} by another host",
+            worker=WORKER,
+            level=logging.DEBUG if claim == POST_BUSY else logging.INFO,
+            profile=self.name,
+            message_id=message_id,
+            claim=claim,
+        )
 
     def _upload(self, lane: "Lane", route: Route, attach: Attachments) -> bool:
         """Upload into the thread; False on an auth failure (the profile reconnects)."""

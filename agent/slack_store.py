@@ -13,6 +13,11 @@
 Every write is atomic (temp file, fsync, rename, fsync of the directory) and 0640 at
 most; every read refuses a symlink (O_NOFOLLOW) and anything but a small regular file, so
 an entry planted here can neither redirect a write nor feed a read from outside.
+
+ProfileStore is also the interface of the Slack worker's memory: with [queue] backend =
+"postgres", agent.pg.slackstore.PgProfileStore keeps the routes, reply claims and backfill
+turns in the shared database instead (the inbox stays here). One host alone needs no
+claim: here claim_post always says POST_MINE and every backfill turn is ours.
 """
 
 import contextlib
@@ -21,6 +26,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,9 @@ MAX_STORE_BYTES = 4 * 1024 * 1024
 SEEN_LIMIT = 1000  # message ts remembered per channel for duplicate detection
 THREAD_LIMIT = 200  # threads per channel whose replies the bot listens to
 ROUTE_MAX_AGE = 14 * 86400  # routes of messages that never got a reply are pruned after this
+
+# claim_post: this host posts the reply; another host posted it; another host is posting it
+POST_MINE, POST_POSTED, POST_BUSY = "mine", "posted", "busy"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -240,6 +249,20 @@ class ProfileStore:
                     path.unlink()
             except OSError:
                 pass
+
+    # ---- one host posts a reply, one host backfills a channel (trivial with one host)
+
+    def claim_post(self, message_id: str) -> str:
+        """Before the first post of a reply: POST_MINE, POST_POSTED or POST_BUSY."""
+        return POST_MINE
+
+    def record_post(self, message_id: str, slack_ts: str | None) -> None:
+        """After the reply is posted (its last part's ts)."""
+
+    @contextlib.contextmanager
+    def backfill_turn(self, channel: str) -> Iterator[bool]:
+        """True while this host may backfill the channel."""
+        yield True
 
     # ---- inbox: acknowledged events not enqueued yet (they hold message text: 0640)
 

@@ -444,18 +444,19 @@ def test_agentctl_db_status_and_migrate_against_a_real_database(agent_env, pg, p
     report = json.loads(before.stdout)
     assert before.returncode == 1, before.stderr
     assert report["reachable"] is True and report["latency_ms"] >= 0
-    assert (report["schema_version"], report["build_version"]) == (0, 1)
+    build = migrations.build_version()
+    assert (report["schema_version"], report["build_version"]) == (0, build)
     assert report["server"].startswith(f"host={pg.socket_dir} port=5432 dbname=")
 
     migrated = agent_env.agentctl("db", "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert "schema version 0 -> 1 (applied 0001_queue)" in migrated.stdout
+    assert f"schema version 0 -> {build} (applied 0001_queue, " in migrated.stdout
     again = agent_env.agentctl("db", "migrate")
-    assert "schema version 1, up to date" in again.stdout
+    assert f"schema version {build}, up to date" in again.stdout
 
     after = agent_env.agentctl("db", "status")
     assert after.returncode == 0, after.stdout + after.stderr
-    assert "schema: version 1, this build 1 (current)" in after.stdout
+    assert f"schema: version {build}, this build {build} (current)" in after.stdout
     assert "queue: depth 0, oldest -, running 0, failed 0" in after.stdout
     for done in (before, migrated, again, after):
         assert SECRET not in done.stdout + done.stderr

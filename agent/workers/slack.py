@@ -4,22 +4,28 @@ The worker's own loop only heartbeats, hands queue/outgoing/slack_*.json to the 
 named in each reply, tells a profile when the queue gave up on one of its messages (a
 failed/slack_*.json that is a message, not a reply), and watches the profile threads
 (a dead one crashes the worker, and the runner restarts it); every network call happens
-in a profile thread. It sees queue/ only through agent/queue.py (Queue). health()
+in a profile thread. It sees queue/ only through agent/queue.py (Queue). The profiles'
+memory (cursors, routes...) is in the host's files, or with [queue] backend = "postgres"
+in the shared database (open_stores). health()
 reports each profile's state, plus a `degraded` reason while any profile is not running.
 See docs/slack.md.
 """
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.dirwatch import DirWatcher
 from agent.metrics import NO_METRICS, Metrics
 from agent.queue import InvalidMessage, MachineTrouble, Queue
 from agent.slack_api import RUNNING, WORKER, redact
+from agent.slack_cursors import FileSlack
 from agent.slack_link import ProfileLink
 from agent.slack_outbound import move_to_failed
 from agent.worker import Worker, WorkerContext
+
+if TYPE_CHECKING:
+    from agent.pg.slackstore import PgSlack
 
 CHANNEL = "slack"  # the queue channel of Slack messages and replies
 SCAN_SECONDS = 0.25  # outgoing/ and failed/ are looked at this often (and at once on inotify)
@@ -35,11 +41,13 @@ class SlackWorker(Worker):
         self.queue = Queue(config.queue_dir)  # every look at queue/ goes through it
         self._failures_seen: set[str] = set()  # reason files already looked at
         self.watcher: DirWatcher | None = None
+        self.stores: FileSlack | PgSlack | None = None
 
     def initialize(self, ctx: WorkerContext) -> None:
         self.queue.ensure_dirs()
+        self.stores = open_stores(self.config)
         self.links = {
-            name: ProfileLink(name, profile, self.config, self.queue, self.metrics)
+            name: ProfileLink(name, profile, self.config, self.queue, self.metrics, self.stores)
             for name, profile in self.config.slack.profiles.items()
         }
         for link in self.links.values():
@@ -113,6 +121,9 @@ class SlackWorker(Worker):
         for link in self.links.values():
             link.join(max(deadline - time.monotonic(), 0.1))
         self.links = {}
+        stores, self.stores = self.stores, None
+        if stores is not None:
+            stores.close()
 
     def degraded(self) -> str | None:
         """Why the worker is degraded (a profile is not running), or None when it is not."""
@@ -130,3 +141,14 @@ class SlackWorker(Worker):
         if reason:
             detail["degraded"] = reason
         return detail
+
+
+def open_stores(config: Config) -> "FileSlack | PgSlack":
+    """Where the profiles keep their memory: the host's files, or with [queue] backend =
+    "postgres" the shared database (dedupe keys, cursors, routes, reply claims, backfill
+    turns; docs/scaling.md), its schema made current or checked first."""
+    if config.queue.backend != "postgres":
+        return FileSlack()
+    from agent.pg.slackstore import open_pg_slack
+
+    return open_pg_slack(config)
