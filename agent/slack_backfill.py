@@ -98,7 +98,6 @@ class Backfill:
             f"slack profile {self.name}: another host is backfilling {channel}; "
             f"trying again in {RETRY:g}s",
             worker=WORKER,
-            level=logging.DEBUG,
             profile=self.name,
             slack_channel=channel,
         )

@@ -153,9 +153,17 @@ class FakeSlack:
         )
         return envelope_id
 
-    def push_event(self, event: dict[str, Any], retry_attempt: int = 0) -> str:
-        """Push one events_api envelope to every live connection; returns its envelope id."""
-        envelope_id = f"env-{next(self._envelopes)}"
+    def push_event(
+        self,
+        event: dict[str, Any],
+        retry_attempt: int = 0,
+        to: int | None = None,
+        envelope_id: str | None = None,
+    ) -> str:
+        """Push one events_api envelope to every live connection, or only to the `to`th
+        (in the order they opened: with several agents on one app, Slack picks one);
+        returns its envelope id (a retry may give the first delivery's)."""
+        envelope_id = envelope_id or f"env-{next(self._envelopes)}"
         envelope = {
             "envelope_id": envelope_id,
             "type": "events_api",
@@ -175,6 +183,8 @@ class FakeSlack:
         with self.lock:
             targets = list(self.connections)
         assert targets, "no Socket Mode connection to push to"
+        if to is not None:
+            targets = [targets[to]]
         for conn in targets:
             conn.send(json.dumps(envelope))
         return envelope_id

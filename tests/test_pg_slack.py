@@ -7,6 +7,7 @@ database through [queue] backend = "postgres".
 """
 
 import contextlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,21 @@ from agent.pg.migrate import ensure_schema
 from agent.pg.sessions import PgSessionStore
 from agent.pg.slackstore import PgSlack
 from agent.slack_store import POST_BUSY, POST_MINE, POST_POSTED
+from tests.fake_slack import FakeSlack
+from tests.helpers import AgentEnv, wait_for
+from tests.test_slack import (
+    APP_TOKEN,
+    BOT_TOKEN,
+    CHANNEL,
+    SILENT_AGENT,
+    enqueued_events,
+    mention,
+    profile,
+    queued,
+    wait_running,
+    write_reply,
+    write_tokens,
+)
 
 SETTINGS = PostgresConfig(connect_timeout=2.0, statement_timeout=5.0, pool_size=4)
 
@@ -207,3 +223,137 @@ def test_a_session_written_on_one_host_is_read_on_the_other(pg_dsn, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+# ---- two real supervisors, one Slack app and profile, one database
+
+
+@pytest.fixture
+def fake():
+    slack = FakeSlack(BOT_TOKEN, APP_TOKEN).start()
+    yield slack
+    slack.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, fake, pg_dsn):
+    """Hosts A and B (own state_dir each) on [queue] backend = "postgres": one Slack
+    profile `main`, started by start(env); stopped (and any leftover killed) afterwards."""
+    hosts = [AgentEnv(tmp_path / name) for name in ("a", "b")]
+    yield hosts
+    for env in hosts:
+        env.stop()
+        env.kill_leftovers()
+
+
+def configure_host(env: AgentEnv, fake: FakeSlack, dsn: str, command: list[str]) -> None:
+    env.root.mkdir(parents=True, exist_ok=True)
+    creds = write_tokens(env)
+    env.write_config(
+        slack={"enabled": True, "api_base_url": fake.api_url},
+        dispatcher={"max_attempts": 1},
+        queue={"backend": "postgres"},
+        **{"queue.postgres": {"dsn": dsn, "host_id": f"host-{env.root.name}"}},
+        **{"agents.default": {"command": command, "timeout": 120}},
+        **{"slack.profiles.main": profile(creds)},
+    )
+
+
+def start_both(cluster: list[AgentEnv], fake: FakeSlack, dsn: str, command: list[str]) -> None:
+    """A first, then B: the fake's connection 0 is A's, 1 is B's."""
+    for number, env in enumerate(cluster):
+        configure_host(env, fake, dsn, command)
+        env.start()
+        wait_running(env)
+        count = number + 1
+        wait_for(lambda n=count: fake.live() == n, what=f"{count} Socket Mode connections")
+
+
+def test_an_event_and_its_retry_on_another_host_are_answered_once(cluster, fake, pg_dsn):
+    a, b = cluster
+    start_both(cluster, fake, pg_dsn, ["cat"])
+    ts = "1700000100.000100"
+    first = fake.push_event(mention(ts, "only once"), to=0)
+    # Slack did not see the ack in time: the same envelope again, to the other connection
+    again = fake.push_event(mention(ts, "only once"), retry_attempt=1, to=1, envelope_id=first)
+    plain = fake.push_event({**mention(ts, "only once"), "type": "message"}, to=1)
+    wait_for(lambda: fake.acked(first) and fake.acked(plain), what="deliveries acknowledged")
+    assert again == first
+    wait_for(lambda: fake.posted(), 30, what="the reply posted")
+    later = "1700000100.000200"  # B goes on past the duplicates
+    fake.push_event(mention(later, "next"), to=1)
+    wait_for(lambda: len(fake.posted()) == 2, 30, what="the later message answered")
+    texts = sorted(call.params["text"] for call in fake.posted())
+    assert texts == ["next", "only once"]
+    assert len(enqueued_events(a, ts)) + len(enqueued_events(b, ts)) == 1
+    assert len(enqueued_events(b, later)) == 1
+
+
+def test_a_reply_both_hosts_hold_is_posted_once(cluster, fake, pg_dsn):
+    a, b = cluster
+    start_both(cluster, fake, pg_dsn, SILENT_AGENT)
+    ts = "1700000200.000100"
+    fake.push_event(mention(ts, "twice?"), to=0)
+    [item] = wait_for(lambda: queued(a, ts), what="the message queued on A")
+    # the same reply offered on both hosts (with a shared queue, any host may see it)
+    replies = [write_reply(env, item, "posted once") for env in (b, a)]
+    wait_for(lambda: fake.posted(), 20, what="the reply posted")
+    wait_for(lambda: not any(p.exists() for p in replies), 20, what="both copies gone")
+    posts = [c for c in fake.posted() if c.params["text"] == "posted once"]
+    assert len(posts) == 1, posts
+    assert posts[0].params["thread_ts"] == ts
+
+
+def test_missed_messages_are_backfilled_by_one_host_at_a_time(cluster, fake, pg_dsn):
+    a, b = cluster
+    start_both(cluster, fake, pg_dsn, SILENT_AGENT)
+    fake.push_event(mention("1700000300.000100", "live"), to=0)
+    wait_for(lambda: queued(a, "1700000300.000100"), what="the cursor set by a live message")
+    fake.refuse_connections = True  # every host away while messages come
+    fake.drop()
+    missed = [f"1700000300.00{n}000" for n in range(2, 6)]
+    for ts in missed:
+        fake.add_history(CHANNEL, {**mention(ts, f"missed {ts}"), "type": "message"})
+    # the first history call is slow: the other host meets the turn taken meanwhile
+    fake.script(
+        "conversations.history",
+        {"ok": True, "messages": fake.history[CHANNEL][::-1], "has_more": False},
+        channel=CHANNEL,
+        delay=4.0,
+    )
+    fake.refuse_connections = False
+    for env in cluster:
+        wait_running(env)
+    busy = wait_for(
+        lambda: a.events("slack.backfill.busy") + b.events("slack.backfill.busy"),
+        20,
+        what="a host finding the backfill turn taken",
+    )
+    assert busy[0]["slack_channel"] == CHANNEL
+    for ts in missed:
+        wait_for(lambda t=ts: queued(a, t) or queued(b, t), 20, what=f"{ts} backfilled")
+    time.sleep(1)
+    for ts in missed:
+        assert len(queued(a, ts)) + len(queued(b, ts)) == 1, ts
+
+
+def test_a_session_saved_by_one_host_is_listed_on_the_other(cluster, pg_dsn):
+    a, b = cluster
+    for env in cluster:
+        env.root.mkdir(parents=True)
+        env.write_config(
+            queue={"backend": "postgres"},
+            **{"queue.postgres": {"dsn": pg_dsn, "host_id": f"host-{env.root.name}"}},
+        )
+    store = PgSessionStore(pg_config(pg_dsn, "host-a", a.state_dir))
+    try:
+        store.put("default", "C100.1700000400.000100", "session-on-a")
+    finally:
+        store.close()
+    listed = b.agentctl("sessions", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["conversation"], row["session_id"]) == ("C100.1700000400.000100", "session-on-a")
+    reset = b.agentctl("sessions", "reset", "C100.1700000400.000100")
+    assert reset.returncode == 0 and "forgot session session-on-a" in reset.stdout
+    assert a.agentctl("sessions", "--json").stdout == ""
