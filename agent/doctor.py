@@ -3,8 +3,10 @@
 The checks look at the installation as the supervisor will meet it: the config, state_dir's
 ownership and modes, the log sink, the systemd unit, each agent command (as the service
 user), the Slack token files, free disk, the queue, and (unless --offline) Slack's
-auth.test for each profile. They only read; nothing is changed. Exit 0 when no check
-fails, 1 otherwise.
+auth.test for each profile. With [queue] backend = "postgres", the database too: the DSN
+file (never its content), reachability and latency, the schema version against this build,
+and the clock's skew against the database's (leases and idle resets compare them). They
+only read; nothing is changed. Exit 0 when no check fails, 1 otherwise.
 """
 
 import json
@@ -12,9 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.config import Config, load_config, locate_only
 from agent.errors import AgentError
@@ -23,6 +27,8 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_DISK_BYTES = 1 << 30  # warn below 1 GiB free in state_dir
 NO_DISK_BYTES = 100 << 20  # fail below 100 MiB
 QUEUE_WAIT_WARN_SECONDS = 300.0
+SKEW_WARN_SECONDS = 1.0  # the clock against the database's
+SKEW_FAIL_SECONDS = 30.0
 SERVICE_USER = "agent"
 UNIT = "agent.service"
 
@@ -55,7 +61,7 @@ def diagnose(config_path: str | None, offline: bool) -> Iterator[Finding]:
         checks: list[Callable[[Config], Iterator[Finding]]] = [_state_dir, _unit, _disk]
     else:
         yield Finding("config", OK, f"{config.display_path} is valid")
-        checks = [_state_dir, _log_sink, _unit, _agents, _tokens, _disk, _queue]
+        checks = [_state_dir, _log_sink, _unit, _agents, _tokens, _disk, _queue, _database]
         if not offline:
             checks.append(_slack_auth)
     for check in checks:
@@ -206,6 +212,95 @@ def _queue(config: Config) -> Iterator[Finding]:
         yield Finding("queue", WARN, text, f"look at the reasons in {queue.failed}")
     else:
         yield Finding("queue", OK, text)
+
+
+def _database(config: Config) -> Iterator[Finding]:
+    """[queue] backend = "postgres": the DSN, the server, its schema, the clock."""
+    if config.queue.backend != "postgres":
+        return
+    from agent.pg.connect import connect, translated
+
+    target = yield from _dsn(config)
+    if target is None:
+        return
+    settings = config.queue.postgres
+    started = time.monotonic()
+    try:
+        with connect(target, settings, "agent doctor") as conn, translated(target, "check"):
+            conn.execute("SELECT 1")
+            latency = (time.monotonic() - started) * 1000
+            yield Finding("queue database", OK, f"{target.shown}: reachable, {latency:.0f} ms")
+            yield _schema(conn, settings.auto_migrate, target.shown)
+            yield _skew(conn)
+    except AgentError as exc:  # DatabaseError: the server's words, never the DSN
+        yield Finding(
+            "queue database",
+            FAIL,
+            str(exc),
+            "is the server up and reachable from here? agentctl db status says the same",
+        )
+
+
+def _dsn(config: Config) -> Iterator[Finding]:
+    """The connection string's finding; returns its Target (None: nothing to connect to)."""
+    from agent.pg.connect import load_target
+
+    settings = config.queue.postgres
+    name = settings.dsn_file
+    if name is not None:
+        from_unit = "CREDENTIALS_DIRECTORY" not in os.environ and not Path(name).is_absolute()
+        if from_unit and not Path(name).exists():
+            yield Finding("queue dsn", OK, f"{name}: from systemd's LoadCredential= at start")
+            return None
+    try:
+        target = load_target(config)
+    except AgentError as exc:  # says which file and what is wrong, never its content
+        hint = "chmod 0600 the file" if "lets others read" in str(exc) else None
+        yield Finding("queue dsn", FAIL, str(exc), hint or "write a libpq connection string")
+        return None
+    where = "dsn_file, private" if name is not None else "dsn in the config"
+    yield Finding("queue dsn", OK, f"{where}: {target.shown}")
+    return target
+
+
+def _schema(conn: Any, auto_migrate: bool, shown: str) -> Finding:
+    from agent.pg.migrate import build_version, current_version
+
+    version, build = current_version(conn), build_version()
+    text = f"version {version}, this build {build}"
+    if version > build:
+        return Finding(
+            "queue schema",
+            FAIL,
+            f"{text}: a newer agent migrated it; this one refuses to use it",
+            "upgrade agent on this host",
+        )
+    if version < build and auto_migrate:
+        return Finding(
+            "queue schema", WARN, f"{text}: the start migrates it", "or: agentctl db migrate"
+        )
+    if version < build:
+        return Finding(
+            "queue schema",
+            FAIL,
+            f"{text}: the start refuses it (auto_migrate off)",
+            "agentctl db migrate",
+        )
+    return Finding("queue schema", OK, f"{text} (current)")
+
+
+def _skew(conn: Any) -> Finding:
+    """This host's clock against the database's, measured at the middle of the round trip."""
+    before = time.time()
+    (database,) = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
+    skew = database - (before + time.time()) / 2
+    text = f"{skew:+.3f}s against the database"
+    hint = "synchronize the clock (chrony, systemd-timesyncd): session idle resets compare it"
+    if abs(skew) > SKEW_FAIL_SECONDS:
+        return Finding("clock skew", FAIL, text, hint)
+    if abs(skew) > SKEW_WARN_SECONDS:
+        return Finding("clock skew", WARN, text, hint)
+    return Finding("clock skew", OK, text)
 
 
 def _slack_auth(config: Config) -> Iterator[Finding]:

@@ -104,3 +104,102 @@ def test_a_message_waiting_for_an_hour_warns(agent_env):
     code, found = doctor(agent_env)
     assert code == 0 and found["queue"]["level"] == "warn"
     assert re.search(r"1 waiting, oldest 36\d\ds", found["queue"]["message"]), found["queue"]
+
+
+# ---- [queue] backend = "postgres"
+
+DSN_SECRET = "doctor-pg-secret-password"
+
+
+def postgres_env(agent_env, dsn: str, mode: int = 0o600):
+    dsn_file = agent_env.root / "queue-dsn"
+    dsn_file.write_text(f"{dsn} password={DSN_SECRET}\n")
+    dsn_file.chmod(mode)
+    agent_env.write_config(
+        queue={"backend": "postgres"},
+        **{"agents.default": {"command": ["cat"]}, "queue.postgres": {"dsn_file": str(dsn_file)}},
+    )
+    return dsn_file
+
+
+def pg_doctor(agent_env) -> tuple[int, dict[str, dict]]:
+    code, found = doctor(agent_env)
+    human = agent_env.agentctl("doctor", "--offline")
+    assert DSN_SECRET not in json.dumps(found) + human.stdout + human.stderr
+    return code, found
+
+
+def test_a_healthy_database_is_ok_with_its_latency_schema_and_clock(agent_env, pg_dsn):
+    postgres_env(agent_env, pg_dsn)
+    assert agent_env.agentctl("db", "migrate").returncode == 0
+    code, found = pg_doctor(agent_env)
+    for check in ("queue dsn", "queue database", "queue schema", "clock skew"):
+        assert found[check]["level"] == "ok", found[check]
+    assert re.search(r"reachable, \d+ ms", found["queue database"]["message"])
+    assert "(current)" in found["queue schema"]["message"]
+    assert re.fullmatch(r"[+-]\d+\.\d{3}s against the database", found["clock skew"]["message"])
+    assert code == 0, found
+
+
+def test_a_database_behind_this_build_warns_when_the_start_migrates_it(agent_env, pg_dsn):
+    postgres_env(agent_env, pg_dsn)
+    code, found = pg_doctor(agent_env)
+    assert code == 0 and found["queue schema"]["level"] == "warn"
+    assert "version 0, this build" in found["queue schema"]["message"]
+
+
+def test_an_unreachable_database_fails(agent_env, pg, pg_dsn):
+    postgres_env(agent_env, pg_dsn)
+    pg.stop()
+    try:
+        code, found = pg_doctor(agent_env)
+    finally:
+        pg.start()
+    assert code == 1 and found["queue database"]["level"] == "fail"
+    assert found["queue database"]["message"].startswith(f"queue database host={pg.socket_dir}")
+    assert found["queue database"]["hint"]
+    assert "queue schema" not in found and "clock skew" not in found
+
+
+def test_a_dsn_file_others_may_read_fails_without_showing_it(agent_env, pg_dsn):
+    dsn_file = postgres_env(agent_env, pg_dsn, mode=0o644)
+    code, found = pg_doctor(agent_env)
+    assert code == 1 and found["queue dsn"]["level"] == "fail"
+    assert "lets others read a secret" in found["queue dsn"]["message"]
+    assert str(dsn_file) in found["queue dsn"]["message"]
+    assert "queue database" not in found
+
+
+def test_a_schema_ahead_of_this_build_fails(agent_env, pg_dsn):
+    import psycopg
+
+    from agent.pg.migrate import build_version
+
+    postgres_env(agent_env, pg_dsn)
+    assert agent_env.agentctl("db", "migrate").returncode == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum, host_id)"
+            " VALUES (%s, 'future', 'x', 'elsewhere')",
+            (build_version() + 1,),
+        )
+    code, found = pg_doctor(agent_env)
+    assert code == 1 and found["queue schema"]["level"] == "fail"
+    assert found["queue schema"]["hint"] == "upgrade agent on this host"
+
+
+@pytest.mark.parametrize("skew, level", [(0.2, "ok"), (5.0, "warn"), (120.0, "fail")])
+def test_the_clock_skew_against_the_database_warns_above_1s_and_fails_above_30s(
+    pg_dsn, monkeypatch, skew, level
+):
+    import psycopg
+
+    from agent import doctor as doctor_module
+
+    real = time.time
+    monkeypatch.setattr(doctor_module.time, "time", lambda: real() - skew)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        finding = doctor_module._skew(conn)
+    monkeypatch.undo()
+    assert finding.level == level, finding
+    assert finding.message.startswith("+")
