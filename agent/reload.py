@@ -25,7 +25,8 @@ LIVE_FIXED = {
 WORKER_INPUTS = {
     "queue": lambda c: (c.queue_dir, c.queue, c.agents),
     "dispatcher": lambda c: (c.agents, c.dispatcher),
-    "slack": lambda c: (c.slack, c.agents),
+    # the Slack profiles' memory is in the queue database with backend = "postgres"
+    "slack": lambda c: (c.slack, c.agents, c.queue.backend, c.queue.postgres),
     "heartbeat": lambda c: (c.heartbeat, c.agents),
 }
 SECTIONS = ("supervisor", "logging", "heartbeat", "dispatcher", "slack")

@@ -178,3 +178,18 @@ def test_a_worker_that_will_not_stop_for_a_reload_is_never_doubled(agent_env):
     heartbeats = [w for w in report["workers"] if w["name"] == "heartbeat"]
     assert len(heartbeats) == 1 and heartbeats[0]["state"] == "error", heartbeats
     assert code == 2
+
+
+def test_a_reload_that_changes_the_queue_backend_rebuilds_the_slack_worker(tmp_path):
+    from agent.config import Config, PostgresConfig, QueueConfig
+    from agent.reload import plan_reload
+
+    files = Config(None, tmp_path)
+    shared = Config(
+        None,
+        tmp_path,
+        queue=QueueConfig(backend="postgres", postgres=PostgresConfig(dsn="dbname=agent")),
+    )
+    assert "slack" in plan_reload(files, shared).workers  # its stores move to the database
+    calmer = Config(None, tmp_path, queue=QueueConfig(stall_timeout=900.0))
+    assert "slack" not in plan_reload(files, calmer).workers

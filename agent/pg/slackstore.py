@@ -89,12 +89,13 @@ class PgSlack:
 
     @contextmanager
     def transaction(self, doing: str) -> Iterator[Any]:
+        previous = getattr(self._tx, "conn", None)
         with self.conn(doing) as conn, translated(self.target, doing), conn.transaction():
             self._tx.conn = conn
             try:
                 yield conn
             finally:
-                self._tx.conn = None
+                self._tx.conn = previous
 
     def profile(self, state_dir: Any, name: str) -> tuple["PgProfileStore", "PgCursors"]:
         store = PgProfileStore(self, state_dir, name)
