@@ -73,7 +73,7 @@ EVENTS: dict[str, str] = {
     "slack.backfill.failed": "fetching missed Slack messages failed",
     "slack.backfill.busy": "another host is backfilling a Slack channel; this one tries later",
     "slack.reply.posted": "a reply was posted to Slack",
-    "slack.reply.elsewhere": "another host posted (or is posting) a reply: not posted here",
+    "slack.reply.elsewhere": "a reply was posted already (or is being posted by another host)",
     "slack.reply.retry": "posting a reply failed; tried again",
     "slack.reply.error": "posting a reply met an error",
     "slack.reply.failed": "a reply could not be posted for good",

@@ -169,6 +169,9 @@ class Outbound:
             return None
         message_id = str(reply.get("messageId") or "")
         found = self.store.route(message_id) if message_id else None
+        if found is None and message_id and self.store.was_posted(message_id):
+            self._posted_elsewhere(name, message_id)  # and its route dropped after
+            return None
         if found is None:
             reason = f"no Slack route for message {message_id!r}"
             move_to_failed(self.queue, name, reason, reply)
@@ -357,15 +360,28 @@ class Outbound:
         (ours waits RECHECK_SECONDS, then is offered again: its claim may expire)."""
         message_id = delivery.route.message_id
         if claim == POST_POSTED:
-            self.queue.remove_reply(delivery.name)
-            self.files.remove(message_id)
+            self._posted_elsewhere(delivery.name, message_id)
             self.finish(delivery.name)
-        else:
-            with self.lock:
-                self.deferred[delivery.name] = time.monotonic() + RECHECK_SECONDS
+            return
+        with self.lock:
+            self.deferred[delivery.name] = time.monotonic() + RECHECK_SECONDS
+        self._elsewhere_event(message_id, claim)
+
+    def _posted_elsewhere(self, name: str, message_id: str) -> None:
+        """Our copy of a reply another host posted: removed, with its files."""
+        self.queue.remove_reply(name)
+        self.files.remove(message_id)
+        self._elsewhere_event(message_id, POST_POSTED)
+
+    def _elsewhere_event(self, message_id: str, claim: str) -> None:
         event(
             "slack.reply.elsewhere",
-            f"slack profile {self.name}: reply to {message_id} is {claim} by another host",
+            f"slack profile {self.name}: reply to {message_id} "
+            + (
+                "posted already: this copy dropped"
+                if claim == POST_POSTED
+                else f"being posted by another host: looked at again in {RECHECK_SECONDS:g}s"
+            ),
             worker=WORKER,
             level=logging.DEBUG if claim == POST_BUSY else logging.INFO,
             profile=self.name,

@@ -259,6 +259,10 @@ class ProfileStore:
     def record_post(self, message_id: str, slack_ts: str | None) -> None:
         """After the reply is posted (its last part's ts)."""
 
+    def was_posted(self, message_id: str) -> bool:
+        """A reply with no route: was it posted (by another host, its route dropped)?"""
+        return False
+
     @contextlib.contextmanager
     def backfill_turn(self, channel: str) -> Iterator[bool]:
         """True while this host may backfill the channel."""

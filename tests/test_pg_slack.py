@@ -151,8 +151,12 @@ def test_a_backfill_turn_of_a_host_that_dies_is_free_again(pg_dsn, tmp_path):
         assert not mine
     with db_a.pool.connection() as conn:  # host A dies: its connections with it
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'")
-    with store_b.backfill_turn("C1") as mine:
-        assert mine
+
+    def free() -> bool:  # the backend ends a moment after pg_terminate_backend returns
+        with store_b.backfill_turn("C1") as mine:
+            return mine
+
+    wait_for(free, 10, what="the dead host's backfill turn free")
     with contextlib.suppress(DatabaseError):
         turn.__exit__(None, None, None)
     db_a.close()
@@ -302,6 +306,12 @@ def test_a_reply_both_hosts_hold_is_posted_once(cluster, fake, pg_dsn):
     posts = [c for c in fake.posted() if c.params["text"] == "posted once"]
     assert len(posts) == 1, posts
     assert posts[0].params["thread_ts"] == ts
+    # the host that did not post found the shared route and the claim: it dropped its
+    # copy (a host with files only would have moved it to failed/: no route there)
+    elsewhere = a.events("slack.reply.elsewhere") + b.events("slack.reply.elsewhere")
+    assert elsewhere and elsewhere[-1]["claim"] == "posted", elsewhere
+    for env in cluster:
+        assert not list((env.state_dir / "queue" / "failed").glob("*")), env.root.name
 
 
 def test_missed_messages_are_backfilled_by_one_host_at_a_time(cluster, fake, pg_dsn):

@@ -211,6 +211,15 @@ class PgProfileStore(ProfileStore):
                 (slack_ts, self.profile, message_id, self.db.host),
             )
 
+    def was_posted(self, message_id: str) -> bool:
+        with self.db.conn("read a Slack reply claim") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM slack_reply_posts"
+                " WHERE profile = %s AND message_id = %s AND posted_at IS NOT NULL",
+                (self.profile, message_id),
+            ).fetchone()
+        return row is not None
+
     # ---- backfill: one host per channel at a time
 
     @contextmanager
