@@ -6,8 +6,9 @@ Envelopes (ack first, then handle), Inbound (Slack message -> queue message), Ba
 (history since the cursors), Outbound (replies, notices, reactions: one lane per
 channel), SharedFiles (files in). The connect order is the cursor protocol's:
 auth.test, pin the cursors, open the socket, backfill. When the connection drops, or an
-auth error happens anywhere, it reconnects by itself with backoff; tokens are read again
-each time. Every state change is an event; a repeated failure is logged once.
+auth error happens anywhere, or the shared database (backend = "postgres") fails, it
+reconnects by itself with backoff; tokens are read again each time. Every state change is
+an event; a repeated failure is logged once.
 """
 
 import logging
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 from agent.agentenv import agent_workdir
 from agent.backoff import Backoff
 from agent.config import Config, SlackProfileConfig
+from agent.errors import DatabaseError
 from agent.log import event
 from agent.metrics import NO_METRICS, Metrics
 from agent.queue import Queue
@@ -205,6 +207,8 @@ class ProfileLink:
                 self._set(DISCONNECTED, "the Socket Mode connection closed")
             except SlackProblem as problem:
                 self._set(problem.state, str(problem))
+            except DatabaseError as exc:  # the shared store (backend = "postgres") is away
+                self._set(DISCONNECTED, str(exc))
             finally:
                 self._close()
             # Only a connection that held for a while resets the backoff: one that Slack

@@ -134,7 +134,8 @@ class Outbound:
 
     def finish(self, name: str) -> None:
         with self.lock:
-            self.pending.discard(name)
+            if name not in self.deferred:  # tick() lets a deferred one go when it is due
+                self.pending.discard(name)
 
     def submit(self, channel: str, job: Job) -> None:
         """Into the channel's lane (started when the channel has none)."""

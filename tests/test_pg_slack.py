@@ -367,3 +367,27 @@ def test_a_session_saved_by_one_host_is_listed_on_the_other(cluster, pg_dsn):
     reset = b.agentctl("sessions", "reset", "C100.1700000400.000100")
     assert reset.returncode == 0 and "forgot session session-on-a" in reset.stdout
     assert a.agentctl("sessions", "--json").stdout == ""
+
+
+def test_a_profile_whose_database_is_away_reconnects_when_it_is_back(cluster, fake, pg, pg_dsn):
+    a, _ = cluster
+    configure_host(a, fake, pg_dsn, SILENT_AGENT)
+    a.start()
+    wait_running(a)
+    pg.stop()
+    try:
+        fake.drop()  # the reconnect pins the cursors: in the database, which is away
+        wait_for(
+            lambda: any(
+                "queue database" in (r.get("error") or "")
+                for r in a.events("slack.profile.disconnected")
+            ),
+            30,
+            what="the profile disconnected naming the database",
+        )
+    finally:
+        pg.start()
+    wait_running(a)
+    ts = "1700000500.000100"
+    fake.push_event(mention(ts, "back"))
+    wait_for(lambda: queued(a, ts), 20, what="a message taken in again")

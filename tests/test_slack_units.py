@@ -215,3 +215,61 @@ def test_threads_are_followed_for_their_mentioners_and_old_cursors_for_everyone(
     # A cursor written before followers were kept: its threads stay open to everyone.
     (store.channels_dir / "C2.json").write_text(json.dumps({"cursor": "7.0", "threads": ["7.0"]}))
     assert cursors.follows("C2", "7.0", "U9", everyone=False)
+
+
+def test_a_reply_another_host_is_posting_is_offered_again_only_after_a_while(tmp_path, monkeypatch):
+    import json
+    import threading
+    import time
+
+    from agent import slack_outbound
+    from agent.queue import Queue
+    from agent.slack_api import SlackApi
+    from agent.slack_feedback import Reactions
+    from agent.slack_files import SharedFiles
+    from agent.slack_outbound import Outbound, ReplySettings
+    from agent.slack_store import POST_BUSY
+    from tests.helpers import wait_for
+
+    monkeypatch.setattr(slack_outbound, "RECHECK_SECONDS", 0.5)
+    claims = []
+
+    class Busy(ProfileStore):  # the database's answer while another host posts the reply
+        def claim_post(self, message_id: str) -> str:
+            claims.append(message_id)
+            return POST_BUSY
+
+    store = Busy(tmp_path, "main")
+    store.prepare()
+    store.write_route("main.C1.1.0", "C1", "1.0")
+    queue = Queue(tmp_path / "queue")
+    queue.ensure_dirs()
+    name = "slack_main.C1.1.0.json"
+    reply = {"channel": "slack", "channelProfileId": "main", "messageId": "main.C1.1.0"}
+    (queue.outgoing / name).write_text(json.dumps({**reply, "message": "hi"}))
+    api = SlackApi("main", "http://127.0.0.1:9/api/")
+    api.call = lambda method, **params: pytest.fail(f"{method} called")
+    stop = threading.Event()
+    outbound = Outbound(
+        "main",
+        api,
+        store,
+        queue,
+        stop,
+        ready=lambda: True,
+        on_problem=lambda failure: None,
+        files=SharedFiles(tmp_path / "files", api, 1024),
+        settings=ReplySettings(Reactions("eyes", "ok", "x"), 0.0, lambda agent: None),
+    )
+    try:
+        outbound.offer(name)
+        wait_for(lambda: claims == ["main.C1.1.0"], what="the claim asked for")
+        time.sleep(0.2)
+        outbound.tick()
+        assert name in outbound.pending  # not handed over again at the next scan
+        time.sleep(0.4)
+        outbound.tick()
+        assert name not in outbound.pending  # the next scan offers it again
+        assert (queue.outgoing / name).exists()
+    finally:
+        stop.set()
