@@ -444,18 +444,18 @@ def test_agentctl_db_status_and_migrate_against_a_real_database(agent_env, pg, p
     report = json.loads(before.stdout)
     assert before.returncode == 1, before.stderr
     assert report["reachable"] is True and report["latency_ms"] >= 0
-    assert (report["schema_version"], report["build_version"]) == (0, 1)
+    assert (report["schema_version"], report["build_version"]) == (0, 2)
     assert report["server"].startswith(f"host={pg.socket_dir} port=5432 dbname=")
 
     migrated = agent_env.agentctl("db", "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert "schema version 0 -> 1 (applied 0001_queue)" in migrated.stdout
+    assert "schema version 0 -> 2 (applied 0001_queue, 0002_delivered)" in migrated.stdout
     again = agent_env.agentctl("db", "migrate")
-    assert "schema version 1, up to date" in again.stdout
+    assert "schema version 2, up to date" in again.stdout
 
     after = agent_env.agentctl("db", "status")
     assert after.returncode == 0, after.stdout + after.stderr
-    assert "schema: version 1, this build 1 (current)" in after.stdout
+    assert "schema: version 2, this build 2 (current)" in after.stdout
     assert "queue: depth 0, oldest -, running 0, failed 0" in after.stdout
     for done in (before, migrated, again, after):
         assert SECRET not in done.stdout + done.stderr

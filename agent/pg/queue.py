@@ -231,6 +231,18 @@ SELECT count(*) FILTER (WHERE state = 'queued'),
 FROM messages WHERE state IN ('queued', 'running', 'failed')
 """
 
+UNDELIVERED = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages
+WHERE origin_host = %(host)s AND state IN ('done', 'failed') AND delivered_at IS NULL
+ORDER BY id
+LIMIT %(limit)s
+"""
+
+DELIVERED = """
+UPDATE messages SET delivered_at = now()
+WHERE id = ANY(%(ids)s) AND delivered_at IS NULL AND state IN ('done', 'failed')
+"""
+
 HOST_STATS = """
 SELECT h.host_id, extract(epoch FROM now() - h.heartbeat_at)::float8, h.in_flight,
        (SELECT count(*) FROM messages m WHERE m.state = 'running' AND m.lease_owner = h.host_id)
@@ -354,6 +366,17 @@ class PgQueue:
         """Take back the expired leases of any host (run by every host, now and then)."""
         params = {"max_attempts": max_attempts, "limit": limit}
         return [Reclaimed(*row) for row in self._rows("reclaim leases", RECLAIM, params)]
+
+    # ---- replies for local producers (the origin host writes them into its queue/)
+
+    def undelivered(self, host: str, limit: int = 100) -> list[QueuedMessage]:
+        """Finished messages of `host`'s own producers whose outcome it has not written yet."""
+        params = {"host": host, "limit": limit}
+        return self._rows("read replies to deliver", UNDELIVERED, params, QueuedMessage)
+
+    def mark_delivered(self, ids: Sequence[int]) -> None:
+        with self._conn("mark replies delivered") as conn:
+            conn.execute(DELIVERED, {"ids": list(ids)})
 
     # ---- hosts and the cluster
 
