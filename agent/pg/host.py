@@ -60,6 +60,7 @@ class PgHost:
         self.queue: Any = None  # agent.pg.queue.PgQueue once connected
         self.held: set[int] = set()
         self.lost: set[int] = set()
+        self.unmarked: set[int] = set()  # replies written into queue/, not marked delivered
         self.down: str | None = "not connected yet"
         self.down_since: float | None = time.monotonic()
         self.next_try = 0.0
@@ -201,7 +202,13 @@ class PgHost:
 
     def pump(self, write: Callable[[Any], None], limit: int = 100) -> int:
         """Write each finished message of this host's producers (write(row)), then mark
-        them delivered; how many. A crash in between writes them again (same names)."""
+        them delivered; how many. Written but not marked (the database failed in between):
+        remembered, and marked first next time, never written twice. Only a crash in that
+        window writes one again (the same name: it overwrites, as a re-run of the file
+        queue does)."""
+        if self.unmarked:
+            self.call(lambda q: q.mark_delivered(sorted(self.unmarked)))
+            self.unmarked.clear()
         rows = self.call(lambda q: q.undelivered(self.host, limit))
         written = []
         for row in rows:
@@ -210,8 +217,10 @@ class PgHost:
             except OSError:
                 break  # the disk: the rest next round
             written.append(row.id)
+            self.unmarked.add(row.id)
         if written:
             self.call(lambda q: q.mark_delivered(written))
+            self.unmarked.clear()
         return len(written)
 
     def flush_spool(self) -> int:
