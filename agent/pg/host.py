@@ -84,11 +84,15 @@ class PgHost:
         try:
             queue = open_queue(self.config, f"agent {self.host}")
             queue.register_host(self.host, __version__)
+            # what this host_id holds now was claimed by a previous life of this process
+            # (nothing is claimed before connect): runnable again at once
+            taken = queue.reclaim_own(self.host, self.config.dispatcher.max_attempts)
         except DatabaseError as exc:
             self._went_down(str(exc))
             return False
         self.queue = queue
         self._went_up()
+        self._report_reclaimed(taken)
         return True
 
     def due(self) -> bool:
@@ -187,7 +191,10 @@ class PgHost:
             )
 
     def reclaim(self, max_attempts: int) -> None:
-        for row in self.call(lambda q: q.reclaim_expired(max_attempts)):
+        self._report_reclaimed(self.call(lambda q: q.reclaim_expired(max_attempts)))
+
+    def _report_reclaimed(self, taken: list[Any]) -> None:
+        for row in taken:
             event(
                 "queue.lease_reclaimed",
                 f"message {row.id}: lease of {row.previous_owner} expired; now {row.state}"
