@@ -48,6 +48,8 @@ EVENTS: dict[str, str] = {
     # the shared PostgreSQL queue ([queue] backend = "postgres", docs/scaling.md)
     "queue.db.down": "the queue database does not answer; incoming messages wait on disk",
     "queue.db.up": "the queue database answers again",
+    "queue.db.kept": "a run's outcome was kept on this host: the queue database did not answer",
+    "queue.db.flushed": "outcomes kept during an outage were written to the queue database",
     "queue.db.pool": "a warning of the database connection pool (rate-limited)",
     "queue.lease_lost": "this host's lease on a message was taken back; its run will not reply",
     "queue.lease_reclaimed": "an expired lease (of a dead or frozen host) was taken back",

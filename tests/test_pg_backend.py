@@ -12,6 +12,7 @@ Several behaviours of the file queue are run against both backends.
 import json
 import os
 import signal
+import stat
 import threading
 from collections import Counter
 from pathlib import Path
@@ -420,6 +421,35 @@ def test_a_database_restart_and_outage_lose_nothing_and_answer_nothing_twice(clu
     assert {r[1] for r in rows(cluster.dsn)} == {"done"}
 
 
+def test_an_outcome_reached_while_the_database_is_down_is_kept_and_written_later(
+    cluster, pg, tmp_path
+):
+    log = tmp_path / "runs.log"
+    agent = slow_first_attempt(tmp_path, log, 2)
+    env = cluster("a", lease=60, **{"agents.default": agent})
+    env.start()
+    enqueue(env, "kept", "p1")
+    wait_for(lambda: runs(log), what="the run")
+    spool = env.state_dir / "queue-spool.json"
+    pg.stop("fast")
+    try:
+        wait_for(spool.exists, timeout=20, what="the outcome kept in the spool")
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o600
+        [kept] = env.events("queue.db.kept")
+        assert (kept["op"], kept["level"]) == ("complete", "warning")
+        assert outgoing(env) == {}
+    finally:
+        pg.start()
+    collector = Collector(env)
+    wait_for(lambda: collector.collect()["p1"] == 1, timeout=20, what="p1 answered")
+    assert not spool.exists()
+    [row] = rows(cluster.dsn)
+    assert (row[1], row[2], row[4]) == ("done", "a", 1)  # run once, stored by its holder
+    [flushed] = env.events("queue.db.flushed")
+    assert flushed["count"] == 1
+    assert collector.collect() == Counter({"p1": 1})
+
+
 def test_a_host_started_while_the_database_is_down_waits_and_then_serves(cluster, pg):
     env = cluster("a")
     pg.stop("fast")
@@ -452,3 +482,20 @@ def test_a_graceful_stop_releases_its_claims_to_the_other_hosts(cluster, tmp_pat
     wait_for(lambda: rows(cluster.dsn, "state = 'done'"), what="g1 done on b")
     a.start()
     assert wait_for(lambda: outgoing(a).get("local_g1.json"), what="g1 on a")["message"]
+
+
+def test_connection_pool_warnings_become_one_rate_limited_event(monkeypatch):
+    import logging
+
+    from agent.pg.host import PoolLogHandler
+
+    seen = []
+    monkeypatch.setattr("agent.ratelimit.event", lambda name, text, **f: seen.append((name, text)))
+    logger = logging.getLogger("test.psycopg.pool")
+    logger.propagate = False
+    logger.addHandler(PoolLogHandler())
+    for _ in range(5):
+        logger.warning("error connecting in 'agent-queue': connection refused\nmore detail")
+    assert seen == [
+        ("queue.db.pool", "connection pool: error connecting in 'agent-queue': connection refused")
+    ]

@@ -233,10 +233,19 @@ class PgHost:
     def flush_spool(self) -> int:
         """Write the outcomes kept during an outage; how many the database took."""
         taken = 0
-        for item in self.spool.items():
-            self._record(item)
-            self.spool.remove(item.id)
-            taken += 1
+        try:
+            for item in self.spool.items():
+                self._record(item)
+                self.spool.remove(item.id)
+                taken += 1
+        finally:
+            if taken:
+                event(
+                    "queue.db.flushed",
+                    f"wrote {taken} outcome(s) kept during the outage into the queue database",
+                    worker="queue",
+                    count=taken,
+                )
         return taken
 
     def release(self, ids: list[int]) -> set[int]:
@@ -273,8 +282,18 @@ class PgHost:
     def _outcome(self, item: Pending) -> str:
         try:
             held = self._record(item)
-        except DatabaseError:
+        except DatabaseError as exc:
             self.spool.add(item)
+            event(
+                "queue.db.kept",
+                f"message {item.id}: the queue database did not take its outcome ({item.op});"
+                " kept on this host until it answers",
+                worker="dispatcher",
+                level=logging.WARNING,
+                row_id=item.id,
+                op=item.op,
+                error=str(exc),
+            )
             return "kept"
         return "stored" if held else "lost"
 
