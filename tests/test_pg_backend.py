@@ -143,7 +143,10 @@ def cluster(tmp_path, pg_dsn):
     def make(host: str, lease: float = 2.0, **sections) -> AgentEnv:
         (tmp_path / host).mkdir()
         env = AgentEnv(tmp_path / host)
-        env.write_config(**pg_sections(pg_dsn, host, lease), **sections)
+        merged = pg_sections(pg_dsn, host, lease)
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        env.write_config(**merged)
         envs.append(env)
         return env
 
@@ -451,7 +454,7 @@ def test_an_outcome_reached_while_the_database_is_down_is_kept_and_written_later
 
 
 def test_a_host_started_while_the_database_is_down_waits_and_then_serves(cluster, pg):
-    env = cluster("a")
+    env = cluster("a", queue={"stall_timeout": 1})
     pg.stop("fast")
     try:
         env.start()
@@ -460,7 +463,13 @@ def test_a_host_started_while_the_database_is_down_waits_and_then_serves(cluster
             lambda: "unreachable" in str(env.worker("queue")["detail"].get("degraded")),
             what="degraded while the database is down",
         )
+        wait_for(
+            lambda: (env.worker("queue")["detail"].get("oldest_age_s") or 0) >= 2,
+            what="w1 waiting for longer than stall_timeout",
+        )
         assert (env.state_dir / "queue" / "incoming" / "w1.json").exists()
+        assert not env.worker("queue")["detail"].get("stalled")  # the database, not a stall
+        assert env.events("queue.stalled") == []
     finally:
         pg.start()
     reply = wait_for(lambda: outgoing(env).get("local_w1.json"), timeout=20, what="w1 answered")

@@ -16,7 +16,8 @@ Each round (every POLL seconds, and at once when a file arrives or a run ends):
   3. claims: conversation heads, as many as the dispatcher has free places, handed over.
 Health: the file queue's detail plus backend, db (ok | down: reason), held, spooled
 and the cluster's depth and oldest age from the last stats call; `degraded` while the
-database does not answer.
+database does not answer (files waiting for it then are not a stall: the watchdog keeps
+being fed, so an outage never gets the supervisor killed by systemd).
 """
 
 import contextlib
@@ -67,6 +68,10 @@ class PgQueueWorker(QueueWorker):
             ctx.beat()
             self._db_round(ctx)
             ctx.beat()
+            if not self.pg.up:
+                # files wait because of the database, which `degraded` already says: not a
+                # stall (that would withhold the watchdog, and systemd would kill us)
+                self.backlog.last_progress = time.monotonic()
             self._round(ctx)
             self._claim_heads()
             if ctx.stopping:
