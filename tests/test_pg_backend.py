@@ -508,3 +508,17 @@ def test_connection_pool_warnings_become_one_rate_limited_event(monkeypatch):
     assert seen == [
         ("queue.db.pool", "connection pool: error connecting in 'agent-queue': connection refused")
     ]
+
+
+def test_heartbeats_go_through_the_shared_queue_and_never_pile_up(cluster, tmp_path):
+    slow = script(tmp_path, "slow.sh", 'cat >/dev/null; [ -e "$HOME/fast" ] || sleep 3; echo ok\n')
+    env = cluster(
+        "a", **{"agents.default": {"command": slow, "timeout": 10}, "heartbeat": {"interval": 0.5}}
+    )
+    env.start()
+    wait_for(lambda: env.events("heartbeat.missed"), what="a heartbeat missed (slow agent)")
+    wait_for(lambda: env.worker("heartbeat")["detail"]["skipped"] >= 3, what="skipped ticks")
+    assert len(rows(cluster.dsn, "channel = 'heartbeat'")) == 1  # no pile-up in its lane
+    (env.state_dir / "home" / "default" / "fast").touch()
+    [reply] = wait_for(lambda: env.events("heartbeat.reply"), timeout=20, what="the reply")
+    assert reply["reply"] == "ok" and reply["late"] is True
