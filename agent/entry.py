@@ -48,10 +48,8 @@ def plain_command(args: list[str]) -> tuple[str, str | None, dict] | None:
         word = rest.pop(0)
         if word == "--json":
             as_json = True
-        elif word == "--config" and rest:
-            config_path = rest.pop(0)
-        elif word.startswith("--config="):
-            config_path = word.split("=", 1)[1]
+        elif _is_config(word, rest):
+            config_path = _config_value(word, rest)
         else:
             return None
     if not rest:
@@ -69,15 +67,22 @@ def plain_command(args: list[str]) -> tuple[str, str | None, dict] | None:
             options[flags[word]] = True
         elif word in values and rest:
             options[values[word]] = rest.pop(0)
-        elif word == "--config" and rest:
-            config_path = rest.pop(0)
-        elif word.startswith("--config="):
-            config_path = word.split("=", 1)[1]
+        elif _is_config(word, rest):
+            config_path = _config_value(word, rest)
         else:
             return None
     if command == "logs" and not _plainly_valid_logs(options):
         return None
     return command, config_path, options
+
+
+def _is_config(word: str, rest: list[str]) -> bool:
+    return (word == "--config" and bool(rest)) or word.startswith("--config=")
+
+
+def _config_value(word: str, rest: list[str]) -> str:
+    """The path of `--config PATH` (taken from rest) or `--config=PATH`."""
+    return word.split("=", 1)[1] if "=" in word else rest.pop(0)
 
 
 def _plainly_valid_logs(options: dict) -> bool:

@@ -31,6 +31,7 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -656,7 +657,14 @@ def _free_name(directory: Path, name: str) -> str:
 
 def _entries(directory: Path) -> list[Entry]:
     """*.json entries of a directory (hidden ones left out), oldest first, never followed."""
-    found = []
+    found = list(_json_entries(directory))
+    found.sort(key=lambda e: (e.mtime_ns, e.name))
+    return found
+
+
+def _json_entries(directory: Path) -> Iterator[Entry]:
+    """*.json entries of a directory (hidden ones left out), in directory order; an entry
+    that vanishes while we look is skipped."""
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(".json"):
@@ -665,26 +673,15 @@ def _entries(directory: Path) -> list[Entry]:
                 mtime = entry.stat(follow_symlinks=False).st_mtime_ns
             except FileNotFoundError:
                 continue
-            found.append(Entry(entry.name, mtime, entry.inode()))
-    found.sort(key=lambda e: (e.mtime_ns, e.name))
-    return found
+            yield Entry(entry.name, mtime, entry.inode())
 
 
 def _tally(directory: Path) -> Tally:
     count, oldest = 0, None
-    try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                    continue
-                try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
-                except FileNotFoundError:
-                    continue
-                count += 1
-                oldest = mtime if oldest is None else min(oldest, mtime)
-    except FileNotFoundError:
-        pass
+    with contextlib.suppress(FileNotFoundError):
+        for entry in _json_entries(directory):
+            count += 1
+            oldest = entry.mtime_ns if oldest is None else min(oldest, entry.mtime_ns)
     return Tally(count, oldest)
 
 

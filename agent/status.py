@@ -41,6 +41,11 @@ def collect_status(
     saved = _with_pulse(saved)
     sup = saved.supervisor
     lock = probe(config.lock_path, claimed_pid=sup.pid)  # shown, never signalled
+    if not lock.held and sup.phase in LIVE_PHASES:
+        # A supervisor writes its final state before it lets go of the lock: read again,
+        # or one that stopped between our two reads would look crashed.
+        saved, unreadable = _saved_state(config)
+        sup = saved.supervisor
     workers = [w._asdict() for w in saved.workers]
     if lock.held and lock.pid is not None and sup.pid not in (None, lock.pid):
         # A new supervisor holds the lock but has not written its state yet: the file is

@@ -46,7 +46,10 @@ def main() -> int:
 
     agentctl = shutil.which("agentctl", path=str(Path(sys.executable).parent)) or "agentctl"
     root = Path(tempfile.mkdtemp(prefix="agent-bench-"))
-    (root / "agent.toml").write_text(f'state_dir = "{root}/state"\n')
+    # an agent, so that status is healthy (exit 0) rather than "no agent configured"
+    (root / "agent.toml").write_text(
+        f'state_dir = "{root}/state"\n[agents.default]\ncommand = ["cat"]\n'
+    )
     env = {**os.environ, "AGENT_CONFIG": str(root / "agent.toml"), "AGENT_MANAGER": "standalone"}
     env.pop("AGENT_FAULT_INJECT", None)
     # Measure as installed (a package ships compiled bytecode): let the warm-up write it.

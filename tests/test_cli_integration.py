@@ -439,3 +439,22 @@ def test_run_in_a_terminal_prints_human_lines_and_still_logs_to_the_sink(agent_e
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         os.close(leader)
+
+
+def test_restart_with_a_new_config_runs_the_new_one(agent_env, tmp_path):
+    old_pid = agent_env.start()
+    new = tmp_path / "new.toml"
+    new.write_text(
+        f'state_dir = "{agent_env.state_dir}"\n[logging]\nsink = "file"\n'
+        '[agents.default]\ncommand = ["sh", "-c", "echo from-the-new-config"]\n'
+    )
+    new.chmod(0o640)
+    for where in (["restart", "--config", str(new)], ["--config", str(new), "restart"]):
+        done = agent_env.agentctl(*where)
+        assert done.returncode == 0, done.stderr
+        _, report = agent_env.status()
+        assert report["supervisor"]["config"] == str(new), where
+        assert report["supervisor"]["pid"] != old_pid
+        old_pid = report["supervisor"]["pid"]
+        sent = agent_env.agentctl("--config", str(new), "send", "--wait", "hi")
+        assert sent.stdout.strip() == "from-the-new-config", sent.stderr

@@ -63,3 +63,16 @@ def test_logs_refuses_an_unknown_event_and_lists_the_valid_ones(agent_env):
     assert "--event: unknown event 'worker.eror'" in result.stderr
     assert "worker.error" in result.stderr and "Traceback" not in result.stderr
     assert agent_env.agentctl("logs", "--event", "worker.error").returncode == 0
+
+
+def test_the_operations_guide_lists_every_event_with_its_meaning():
+    guide = (PACKAGE.parent / "docs" / "operations.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+        for line in guide.splitlines()
+        if line.startswith("| `") and "." in line.split("|")[1]
+    }
+    listed = {name: meaning for name, meaning in rows.items() if "_total" not in name}
+    missing = sorted(set(EVENTS) - set(listed))
+    assert not missing, f"docs/operations.md lacks these events: {missing}"
+    assert all(listed[name] == meaning for name, meaning in EVENTS.items())

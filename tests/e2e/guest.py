@@ -27,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("AGENT_E2E_CACHE", "/var/cache/agent-e2e"))
@@ -44,6 +45,7 @@ GUEST_PACKAGES = (
     "python3-systemd",
     "python3-sdnotify",
     "python3-pythonjsonlogger",
+    "python3-prometheus-client",
 )
 SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage")
@@ -92,6 +94,13 @@ def _host_env() -> dict[str, str]:
     return env
 
 
+def _host_run(argv: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a host tool (debootstrap, chroot, dpkg-buildpackage) in _host_env, output captured."""
+    return subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, env=_host_env(), check=False
+    )
+
+
 # ---- the cached root file system
 
 
@@ -118,38 +127,46 @@ def _mirror() -> str:
 def ensure_rootfs() -> Path:
     """The cached guest rootfs, made by debootstrap (~75 s) the first time."""
     root = CACHE_DIR / f"rootfs-{rootfs_key()}"
+
+    def finish(tree: Path) -> None:
+        # no first-boot logic in the guest: a fixed machine id, an empty journal
+        (tree / "etc/machine-id").write_text(hashlib.md5(root.name.encode()).hexdigest() + "\n")
+        for path in (tree / "var/log/journal").glob("*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    return cached_debootstrap(root, GUEST_PACKAGES, finish, sign="lib/systemd/systemd")
+
+
+def cached_debootstrap(
+    root: Path,
+    packages: Sequence[str],
+    finish: Callable[[Path], None],
+    sign: str = "",
+) -> Path:
+    """root: a minbase SUITE with packages, then finish(tree), made once (under CACHE_DIR's
+    lock, in a scratch tree renamed into place when complete) and reused while root/sign
+    exists."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its result
-        if (root / "lib/systemd/systemd").exists():
+        if (root / sign).exists():
             return root
-        tmp = CACHE_DIR / f".build-{os.getpid()}"
+        tmp = CACHE_DIR / f".build-{root.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        log(f"debootstrap {SUITE} minbase -> {root} (once; ~75 s)")
+        log(f"debootstrap {SUITE} minbase + {','.join(packages)} -> {root} (once; ~35-75 s)")
         started = time.monotonic()
-        done = subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(GUEST_PACKAGES)}",
-                SUITE,
-                str(tmp),
-                _mirror(),
-            ],
-            capture_output=True,
-            text=True,
-            env=_host_env(),
-            check=False,
-        )
-        if done.returncode != 0:
+        include = f"--include={','.join(packages)}"
+        done = _host_run(["debootstrap", "--variant=minbase", include, SUITE, str(tmp), _mirror()])
+        try:
+            if done.returncode != 0:
+                output = (done.stdout + done.stderr)[-3000:]
+                raise GuestError(f"debootstrap failed ({done.returncode}):\n{output}")
+            finish(tmp)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise GuestError(f"debootstrap failed ({done.returncode}):\n{done.stdout[-3000:]}")
-        # no first-boot logic in the guest: a fixed machine id, an empty journal
-        (tmp / "etc/machine-id").write_text(hashlib.md5(root.name.encode()).hexdigest() + "\n")
-        for path in (tmp / "var/log/journal").glob("*"):
-            shutil.rmtree(path, ignore_errors=True)
+            raise
         tmp.rename(root)
-        log(f"rootfs ready in {time.monotonic() - started:.0f} s")
+        log(f"{root.name} ready in {time.monotonic() - started:.0f} s")
         return root
 
 
@@ -197,14 +214,7 @@ def build_deb(out_dir: Path) -> Path:
         (src / "README.md").write_text("# agent\n")
     log("dpkg-buildpackage -us -uc -b")
     started = time.monotonic()
-    done = subprocess.run(
-        ["dpkg-buildpackage", "-us", "-uc", "-b"],
-        cwd=src,
-        capture_output=True,
-        text=True,
-        env=_host_env(),
-        check=False,
-    )
+    done = _host_run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src)
     if done.returncode != 0:
         raise GuestError(f"dpkg-buildpackage failed:\n{(done.stdout + done.stderr)[-4000:]}")
     debs = sorted(out_dir.glob("agent_*_all.deb"))
@@ -270,32 +280,32 @@ def _remove_cgroup(path: Path) -> None:
         path.rmdir()
 
 
-# ---- the guest
+# ---- a container on an overlay
 
 
-class Guest:
-    """One booted systemd container. Use as a context manager, or boot() / teardown()."""
+class Container:
+    """What Guest and stock.Machine share: systemd-nspawn on an overlay of a cached rootfs.
 
-    def __init__(
-        self,
-        name: str | None = None,
-        rootfs: Path | None = None,
-        binds: Sequence[tuple[Path, str]] = (),
-    ):
-        self.name = name or f"agent-e2e-{os.getpid()}"
+    The overlay's layers live in a run directory under /var/tmp (on a tmpfs, if asked), the
+    container in a dedicated host cgroup; __enter__ sets up (tearing down if that fails),
+    __exit__ and teardown() stop the container and remove all of it, and leftovers() names
+    what is still there. A subclass says how to set up (_setup) and how to end a running
+    nspawn (_end_nspawn).
+    """
+
+    def __init__(self, name: str, rootfs: Path | None):
+        self.name = name
         self.rootfs = rootfs
-        self.binds = list(binds)  # (host path, guest path), bound read-only
         self.run_dir: Path | None = None
         self.merged: Path | None = None
         self.cgroups = [root / self.name for root in _cgroup_roots()]
         self.proc: subprocess.Popen | None = None
         self.leader: int | None = None
         self.console_log: Path | None = None
-        self.install_path: str | None = None  # where the .deb was copied into the guest
 
-    def __enter__(self) -> "Guest":
+    def __enter__(self) -> Self:
         try:
-            self.boot()
+            self._setup()
         except BaseException:
             self.teardown()
             raise
@@ -304,61 +314,175 @@ class Guest:
     def __exit__(self, *exc: object) -> None:
         self.teardown()
 
-    # -- boot
+    def _setup(self) -> None:
+        raise NotImplementedError
 
-    def boot(self) -> None:
-        rootfs = self.rootfs or ensure_rootfs()
+    def _end_nspawn(self) -> None:
+        """End the running nspawn (called by teardown only while it runs)."""
+        raise NotImplementedError
+
+    # -- up
+
+    def _mount_overlay(self, lower: Path, tmpfs_size: str | None = None) -> None:
+        """A fresh run directory (a tmpfs of tmpfs_size, if given) and the overlay in it."""
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/var/tmp"))
+        if tmpfs_size is not None:
+            scratch = f"mode=0700,size={tmpfs_size}"
+            _check(["mount", "-t", "tmpfs", "-o", scratch, "tmpfs", str(self.run_dir)])
         upper, work, self.merged = (self.run_dir / d for d in ("upper", "work", "root"))
         for d in (upper, work, self.merged):
             d.mkdir()
-        options = f"lowerdir={rootfs},upperdir={upper},workdir={work}"
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
         _check(["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)])
-        self.console_log = self.run_dir / "console.log"
+
+    def _spawn(self, options: Sequence[str], stdin: int) -> None:
+        """Start systemd-nspawn on the overlay, in this container's cgroups, with these
+        options (and the command to run, if any, last); its output goes to console_log."""
+        assert self.merged is not None and self.run_dir is not None
         into_cgroup = "; ".join(
             f"mkdir -p {cg} && echo $$ > {cg}/cgroup.procs" for cg in self.cgroups
         )
-        nspawn = (
-            f"exec systemd-nspawn --register=no --keep-unit --private-network -M {self.name} "
-            f"-D {self.merged} --console=read-only"
-            + "".join(f" --bind-ro={host}:{inside}" for host, inside in self.binds)
-            + " -b"
+        nspawn = " ".join(
+            [
+                "exec systemd-nspawn --register=no --keep-unit",
+                f"-M {self.name} -D {self.merged}",
+                *options,
+            ]
         )
-        started = time.monotonic()
+        self.console_log = self.run_dir / "console.log"
         with open(self.console_log, "wb") as console:
             self.proc = subprocess.Popen(
                 ["bash", "-c", f"{into_cgroup}; {nspawn}"],
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=_host_env(),
             )
-        self.leader = self._wait_leader(started + BOOT_TIMEOUT)
+
+    def _wait_leader(self, deadline: float, ready: Callable[[Path], bool], what: str) -> int:
+        """The container's PID 1, once ready(its root seen from the host) holds."""
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise GuestError(f"systemd-nspawn exited with {code}:\n{self.tail()}")
+            leader = _child_of(self.proc.pid)
+            if leader and ready(Path(f"/proc/{leader}/root")):
+                return leader
+            time.sleep(0.05)
+        raise GuestError(f"{what} did not start in time\n{self.tail()}")
+
+    def tail(self) -> str:
+        """The last lines of the container's console."""
+        if self.console_log and self.console_log.exists():
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
+        return ""
+
+    def _nsenter(self, argv: Sequence[str], variables: Sequence[str] = ()) -> list[str]:
+        """argv run inside (all the container's namespaces, a clean environment)."""
+        assert self.leader is not None
+        env = [f"PATH={SYSPATH}", *variables]
+        return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env, *argv]
+
+    # -- down
+
+    def teardown(self) -> list[str]:
+        """Stop everything this container made; returns what could not be cleaned (empty: all)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._end_nspawn()
+        self.leader = None
+        mounts = (self.merged, self.run_dir)  # the overlay, then the tmpfs under it (if any)
+        for mount in mounts:
+            if mount is not None and os.path.ismount(mount):
+                done = subprocess.run(["umount", str(mount)], capture_output=True, check=False)
+                if done.returncode != 0:
+                    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        for cg in self.cgroups:
+            _remove_cgroup(cg)
+        for d in (
+            "/run/systemd/nspawn/propagate",
+            "/run/systemd/nspawn/locks",
+            "/run/systemd/nspawn",
+            "/run/systemd/nspawn-root",
+        ):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if self.run_dir is not None and not any(m and os.path.ismount(m) for m in mounts):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        problems = self.leftovers()
+        if problems:
+            log(f"teardown left: {problems}")
+        return problems
+
+    def _signal(self, signals: Sequence[signal.Signals | None]) -> None:
+        """Send nspawn each signal in turn (None: none, just wait) until it exits."""
+        assert self.proc is not None
+        for sig in signals:
+            if sig is not None and self.proc.poll() is None:
+                log(f"{self.name} still up: sending {sig.name} to nspawn")
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT)
+                break
+
+    def leftovers(self) -> list[str]:
+        found = []
+        if self.proc is not None and self.proc.poll() is None:
+            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
+        if self.run_dir is not None:
+            if str(self.run_dir) in Path("/proc/self/mounts").read_text():
+                found.append(f"mount under {self.run_dir}")
+            if self.run_dir.exists():
+                found.append(f"directory {self.run_dir}")
+        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
+        return found
+
+
+# ---- the guest
+
+
+class Guest(Container):
+    """One booted systemd container. Use as a context manager, or boot() / teardown()."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        rootfs: Path | None = None,
+        binds: Sequence[tuple[Path, str]] = (),
+    ):
+        super().__init__(name or f"agent-e2e-{os.getpid()}", rootfs)
+        self.binds = list(binds)  # (host path, guest path), bound read-only
+        self.install_path: str | None = None  # where the .deb was copied into the guest
+
+    # -- boot
+
+    def _setup(self) -> None:
+        self.boot()
+
+    def boot(self) -> None:
+        self._mount_overlay(self.rootfs or ensure_rootfs())
+        started = time.monotonic()
+        self._spawn(
+            [
+                "--private-network --console=read-only",
+                *(f"--bind-ro={host}:{inside}" for host, inside in self.binds),
+                "-b",
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        self.leader = self._wait_leader(
+            started + BOOT_TIMEOUT,
+            lambda root: (root / "run/systemd/private").is_socket(),
+            "guest systemd",
+        )
         state = self.run(
             ["systemctl", "is-system-running", "--wait"], check=False, timeout=BOOT_TIMEOUT
         ).stdout.strip()
         if state not in ("running", "degraded"):
-            raise GuestError(f"guest did not come up: state {state!r}\n{self._console_tail()}")
+            raise GuestError(f"guest did not come up: state {state!r}\n{self.tail()}")
         log(f"guest {self.name} up ({state}) in {time.monotonic() - started:.1f} s")
-
-    def _wait_leader(self, deadline: float) -> int:
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise GuestError(
-                    f"systemd-nspawn exited with {self.proc.returncode}:\n{self._console_tail()}"
-                )
-            leader = _child_of(self.proc.pid)
-            if leader and Path(f"/proc/{leader}/root/run/systemd/private").is_socket():
-                return leader
-            time.sleep(0.05)
-        raise GuestError(f"guest systemd did not start in time\n{self._console_tail()}")
-
-    def _console_tail(self) -> str:
-        if self.console_log and self.console_log.exists():
-            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
-        return ""
 
     # -- inside the guest
 
@@ -373,13 +497,9 @@ class Guest:
         """Run a command inside the guest (all its namespaces, a clean environment)."""
         if self.leader is None:
             raise GuestError("guest is not booted")
-        variables = [
-            f"PATH={SYSPATH}",
-            "LANG=C.UTF-8",
-            *(f"{k}={v}" for k, v in (env or {}).items()),
-        ]
+        variables = ["LANG=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items())]
         done = subprocess.run(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *variables, *argv],
+            self._nsenter(argv, variables),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -417,71 +537,17 @@ class Guest:
 
     # -- teardown
 
-    def teardown(self) -> list[str]:
-        """Stop everything this guest made; returns what could not be cleaned (empty: all)."""
-        if self.proc is not None and self.proc.poll() is None:
-            if self.leader is not None:
-                with contextlib.suppress(Exception):
-                    subprocess.run(
-                        [
-                            "nsenter",
-                            "-t",
-                            str(self.leader),
-                            "-a",
-                            "env",
-                            "-i",
-                            f"PATH={SYSPATH}",
-                            "systemctl",
-                            "poweroff",
-                            "--no-block",
-                        ],
-                        capture_output=True,
-                        timeout=STOP_TIMEOUT,
-                        check=False,
-                    )
-            for sig in (None, signal.SIGTERM, signal.SIGKILL):
-                if sig is not None and self.proc.poll() is None:
-                    log(f"guest {self.name} still up: sending {sig.name} to nspawn")
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.send_signal(sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(STOP_TIMEOUT)
-                    break
-        self.leader = None
-        problems = []
-        if self.merged is not None and os.path.ismount(self.merged):
-            done = subprocess.run(["umount", str(self.merged)], capture_output=True, check=False)
-            if done.returncode != 0:
-                subprocess.run(["umount", "-l", str(self.merged)], capture_output=True, check=False)
-        for cg in self.cgroups:
-            _remove_cgroup(cg)
-        for d in (
-            "/run/systemd/nspawn/propagate",
-            "/run/systemd/nspawn/locks",
-            "/run/systemd/nspawn",
-            "/run/systemd/nspawn-root",
-        ):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        if self.run_dir is not None and not (self.merged and os.path.ismount(self.merged)):
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        problems = self.leftovers()
-        if problems:
-            log(f"teardown left: {problems}")
-        return problems
-
-    def leftovers(self) -> list[str]:
-        found = []
-        if self.proc is not None and self.proc.poll() is None:
-            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
-        if self.run_dir is not None:
-            mounts = Path("/proc/self/mounts").read_text()
-            if str(self.run_dir) in mounts:
-                found.append(f"mount under {self.run_dir}")
-            if self.run_dir.exists():
-                found.append(f"directory {self.run_dir}")
-        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
-        return found
+    def _end_nspawn(self) -> None:
+        """Power the guest off; signal nspawn if that does not end it in time."""
+        if self.leader is not None:
+            with contextlib.suppress(Exception):
+                subprocess.run(
+                    self._nsenter(["systemctl", "poweroff", "--no-block"]),
+                    capture_output=True,
+                    timeout=STOP_TIMEOUT,
+                    check=False,
+                )
+        self._signal([None, signal.SIGTERM, signal.SIGKILL])
 
 
 def _child_of(pid: int) -> int | None:
@@ -518,34 +584,50 @@ def install_deb(guest: Guest, deb: Path) -> None:
     guest.run(["dpkg", "-i", path], timeout=180)
 
 
-def main(argv: list[str]) -> int:
-    what = argv[1] if len(argv) > 1 else "rootfs"
-    reason = cannot_boot_reason()
+def keep_up(container: Container, enter: str) -> None:
+    """Say how to enter; wait for Ctrl-C, SIGTERM (see sigterm_interrupts) or nspawn's end."""
+    print(enter)
+    print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        while container.proc is not None and container.proc.poll() is None:
+            time.sleep(0.5)
+
+
+def command_line(
+    argv: list[str], commands: dict[str, Callable[[], object]], reason: str | None
+) -> int:
+    """`python3 -m MODULE [COMMAND]`: run commands[COMMAND] (the first one by default), unless
+    reason (why this host cannot) says no."""
+    what = argv[1] if len(argv) > 1 else next(iter(commands))
     if reason:
         print(f"cannot: {reason}", file=sys.stderr)
         return 1
-    if what == "rootfs":
-        print(ensure_rootfs())
-    elif what == "clis":
-        print(ensure_agent_clis())
-    elif what == "deb":
-        out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
-        print(build_deb(out))
-    elif what == "shell":
-        out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
-        deb = build_deb(out)
-        with sigterm_interrupts(), Guest() as guest:
-            install_deb(guest, deb)
-            print(f"guest up: nsenter -t {guest.leader} -a env -i PATH={SYSPATH} bash")
-            print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    signal.pause()
-        shutil.rmtree(out, ignore_errors=True)
-    else:
-        print(f"unknown command {what!r}: expected rootfs, clis, deb or shell", file=sys.stderr)
+    if what not in commands:
+        *others, last = commands
+        expected = f"{', '.join(others)} or {last}" if others else last
+        print(f"unknown command {what!r}: expected {expected}", file=sys.stderr)
         return 2
+    commands[what]()
     return 0
+
+
+def _shell() -> None:
+    out = Path(tempfile.mkdtemp(prefix="agent-deb-"))
+    deb = build_deb(out)
+    with sigterm_interrupts(), Guest() as guest:
+        install_deb(guest, deb)
+        keep_up(guest, f"guest up: nsenter -t {guest.leader} -a env -i PATH={SYSPATH} bash")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    commands = {
+        "rootfs": lambda: print(ensure_rootfs()),
+        "clis": lambda: print(ensure_agent_clis()),
+        "deb": lambda: print(build_deb(Path(tempfile.mkdtemp(prefix="agent-deb-")))),
+        "shell": _shell,
+    }
+    return command_line(argv, commands, cannot_boot_reason())
 
 
 if __name__ == "__main__":

@@ -24,33 +24,28 @@ Standard library only, like guest.py (whose pieces it reuses).
     python3 -m tests.e2e.stock shell    # a stock machine with this checkout in ~admin/agent
 """
 
-import contextlib
-import fcntl
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tests.e2e.guest import (
     CACHE_DIR,
+    STOP_TIMEOUT,
     SUITE,
-    SYSPATH,
+    Container,
     GuestError,
-    _cgroup_roots,
-    _check,
     _child_of,
-    _host_env,
-    _mirror,
-    _remove_cgroup,
+    _host_run,
+    cached_debootstrap,
     cannot_boot_reason,
+    command_line,
     copy_sources,
-    log,
+    keep_up,
     sigterm_interrupts,
 )
 
@@ -63,7 +58,6 @@ GUEST_CAS = "/usr/local/share/ca-certificates/host"
 UP = "/run/stock-up"  # the payload's sign that the machine runs
 SCRATCH = "2g"  # the tmpfs under the overlay: apt, the venv and pip's cache take ~200 MB
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
 
 
 def cannot_run_reason() -> str | None:
@@ -77,36 +71,7 @@ def stock_key() -> str:
 
 def ensure_stock_rootfs() -> Path:
     """The cached stock rootfs, made by debootstrap (~35-75 s) the first time."""
-    root = CACHE_DIR / f"stock-{stock_key()}"
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others reuse its result
-        if root.is_dir():  # renamed into place only when complete
-            return root
-        tmp = CACHE_DIR / f".stock-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        log(f"debootstrap {SUITE} minbase + {','.join(STOCK_PACKAGES)} -> {root} (once)")
-        started = time.monotonic()
-        argv = ["debootstrap", "--variant=minbase", f"--include={','.join(STOCK_PACKAGES)}"]
-        done = subprocess.run(
-            [*argv, SUITE, str(tmp), _mirror()],
-            capture_output=True,
-            text=True,
-            env=_host_env(),
-            check=False,
-        )
-        if done.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            output = (done.stdout + done.stderr)[-3000:]
-            raise GuestError(f"debootstrap failed ({done.returncode}):\n{output}")
-        try:
-            _make_stock(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(root)
-        log(f"stock rootfs ready in {time.monotonic() - started:.0f} s")
-        return root
+    return cached_debootstrap(CACHE_DIR / f"stock-{stock_key()}", STOCK_PACKAGES, _make_stock)
 
 
 def _make_stock(tree: Path) -> None:
@@ -117,12 +82,8 @@ def _make_stock(tree: Path) -> None:
         "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\n"
         "ff02::2\tip6-allrouters\n"
     )
-    done = subprocess.run(
-        ["chroot", str(tree), "useradd", "--create-home", "--shell", "/bin/bash", USER],
-        capture_output=True,
-        text=True,
-        env=_host_env(),
-        check=False,
+    done = _host_run(
+        ["chroot", str(tree), "useradd", "--create-home", "--shell", "/bin/bash", USER]
     )
     if done.returncode != 0:
         raise GuestError(f"useradd {USER} in the stock rootfs failed: {done.stderr.strip()}")
@@ -144,42 +105,22 @@ def _user_ids(tree: Path) -> tuple[int, int]:
     raise GuestError(f"no user {USER} in {tree}/etc/passwd")
 
 
-class Machine:
+class Machine(Container):
     """One stock machine on an overlay of the cached rootfs. A context manager."""
 
     def __init__(self, rootfs: Path, name: str | None = None):
-        self.rootfs = rootfs
-        self.name = name or f"agent-stock-{os.getpid()}"
-        self.run_dir: Path | None = None
-        self.merged: Path | None = None
-        self.cgroups = [root / self.name for root in _cgroup_roots()]
-        self.proc: subprocess.Popen | None = None
-        self.leader: int | None = None  # the container's PID 1 (nspawn's stub init)
+        super().__init__(name or f"agent-stock-{os.getpid()}", rootfs)
+        # leader: the container's PID 1 (nspawn's stub init)
         self.payload: int | None = None  # its child that waits for the end
-        self.console_log: Path | None = None
         self.exit_code: int | None = None
 
-    def __enter__(self) -> "Machine":
-        try:
-            self.mount()
-        except BaseException:
-            self.teardown()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.teardown()
+    def _setup(self) -> None:
+        self.mount()
 
     def mount(self) -> None:
         """The overlay, its writable layer in memory: nothing to sync or delete on disk."""
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/var/tmp"))
-        scratch = f"mode=0700,size={SCRATCH}"
-        _check(["mount", "-t", "tmpfs", "-o", scratch, "tmpfs", str(self.run_dir)])
-        upper, work, self.merged = (self.run_dir / d for d in ("upper", "work", "root"))
-        for d in (upper, work, self.merged):
-            d.mkdir()
-        options = f"lowerdir={self.rootfs},upperdir={upper},workdir={work}"
-        _check(["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)])
+        assert self.rootfs is not None
+        self._mount_overlay(self.rootfs, tmpfs_size=SCRATCH)
 
     @property
     def home(self) -> Path:
@@ -202,47 +143,24 @@ class Machine:
 
         The payload reads its standard input (our pipe, through --console=pipe) and ends at
         its end: when stop() closes it, or when this process dies."""
-        assert self.merged is not None and self.run_dir is not None
         binds = []
         if any(HOST_CAS.glob("*.crt")):
             binds.append(f"--bind-ro={HOST_CAS}:{GUEST_CAS}")
-        into_cgroup = "; ".join(
-            f"mkdir -p {cg} && echo $$ > {cg}/cgroup.procs" for cg in self.cgroups
-        )
         payload = f"touch {UP}; read -r _; exit 0"
-        nspawn = [
-            "exec systemd-nspawn --register=no --keep-unit",
-            f"-M {self.name} --hostname={HOSTNAME} -D {self.merged}",
-            "--as-pid2 --console=pipe",
-            *binds,
-            f"/bin/bash -c '{payload}'",
-        ]
-        self.console_log = self.run_dir / "console.log"
-        with open(self.console_log, "wb") as console:
-            self.proc = subprocess.Popen(
-                ["bash", "-c", f"{into_cgroup}; {' '.join(nspawn)}"],
-                stdin=subprocess.PIPE,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=_host_env(),
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                raise GuestError(f"systemd-nspawn exited with {code}:\n{self.tail()}")
-            leader = _child_of(self.proc.pid)
-            if leader and Path(f"/proc/{leader}/root{UP}").exists():
-                self.leader, self.payload = leader, _child_of(leader)
-                return
-            time.sleep(0.05)
-        raise GuestError(f"the stock machine did not start in time\n{self.tail()}")
-
-    def tail(self) -> str:
-        if self.console_log and self.console_log.exists():
-            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-30:])
-        return ""
+        self._spawn(
+            [
+                f"--hostname={HOSTNAME} --as-pid2 --console=pipe",
+                *binds,
+                f"/bin/bash -c '{payload}'",
+            ],
+            stdin=subprocess.PIPE,
+        )
+        self.leader = self._wait_leader(
+            time.monotonic() + START_TIMEOUT,
+            lambda root: (root / UP.lstrip("/")).exists(),
+            "the stock machine",
+        )
+        self.payload = _child_of(self.leader)
 
     def run(
         self, argv: Sequence[str], timeout: float = 60.0, merge_output: bool = False
@@ -251,7 +169,7 @@ class Machine:
         if self.leader is None:
             raise GuestError("the stock machine is not running")
         return subprocess.run(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={SYSPATH}", *argv],
+            self._nsenter(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
@@ -299,75 +217,30 @@ class Machine:
         self.leader = None
         return self.exit_code
 
+    def _end_nspawn(self) -> None:
+        # not booted: nspawn answers SIGTERM with SIGKILL to the container's PID 1
+        self._signal([signal.SIGTERM, signal.SIGKILL])
+
     def teardown(self) -> list[str]:
         """Stop everything this machine made; returns what could not be cleaned."""
-        if self.proc is not None and self.proc.poll() is None:
-            # not booted: nspawn answers SIGTERM with SIGKILL to the container's PID 1
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(STOP_TIMEOUT)
-                    break
+        problems = super().teardown()
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()
-        self.leader = None
-        for mount in (self.merged, self.run_dir):  # the overlay, then the tmpfs under it
-            if mount is not None and os.path.ismount(mount):
-                done = subprocess.run(["umount", str(mount)], capture_output=True, check=False)
-                if done.returncode != 0:
-                    subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
-        for cg in self.cgroups:
-            _remove_cgroup(cg)
-        for d in (
-            "/run/systemd/nspawn/propagate",
-            "/run/systemd/nspawn/locks",
-            "/run/systemd/nspawn",
-            "/run/systemd/nspawn-root",
-        ):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        if self.run_dir is not None and not os.path.ismount(self.run_dir):
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        problems = self.leftovers()
-        if problems:
-            log(f"teardown left: {problems}")
         return problems
 
-    def leftovers(self) -> list[str]:
-        found = []
-        if self.proc is not None and self.proc.poll() is None:
-            found.append(f"systemd-nspawn pid {self.proc.pid} still running")
-        if self.run_dir is not None:
-            if str(self.run_dir) in Path("/proc/self/mounts").read_text():
-                found.append(f"mount under {self.run_dir}")
-            if self.run_dir.exists():
-                found.append(f"directory {self.run_dir}")
-        found += [f"cgroup {cg}" for cg in self.cgroups if cg.exists()]
-        return found
+
+def _shell() -> None:
+    with sigterm_interrupts(), Machine(ensure_stock_rootfs()) as machine:
+        workdir = machine.copy_checkout()
+        machine.start()
+        keep_up(
+            machine, f"stock machine up: nsenter -t {machine.leader} -a su - {USER}  (~ {workdir})"
+        )
 
 
 def main(argv: list[str]) -> int:
-    what = argv[1] if len(argv) > 1 else "rootfs"
-    reason = cannot_run_reason()
-    if reason:
-        print(f"cannot: {reason}", file=sys.stderr)
-        return 1
-    if what == "rootfs":
-        print(ensure_stock_rootfs())
-    elif what == "shell":
-        with sigterm_interrupts(), Machine(ensure_stock_rootfs()) as machine:
-            workdir = machine.copy_checkout()
-            machine.start()
-            print(f"stock machine up: nsenter -t {machine.leader} -a su - {USER}  (~ {workdir})")
-            print(f"stop it with Ctrl-C or: kill {os.getpid()}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while machine.proc is not None and machine.proc.poll() is None:
-                    time.sleep(0.5)
-    else:
-        print(f"unknown command {what!r}: expected rootfs or shell", file=sys.stderr)
-        return 2
-    return 0
+    commands = {"rootfs": lambda: print(ensure_stock_rootfs()), "shell": _shell}
+    return command_line(argv, commands, cannot_run_reason())
 
 
 if __name__ == "__main__":

@@ -460,3 +460,52 @@ def test_doctor_on_the_installed_service_finds_nothing_wrong(agents):
         assert "not executable by the service user 'agent'" in found["agent private"]["message"]
     finally:
         agents.write(CONFIG, AGENTS)
+
+
+# ---- metrics through the packaged service
+
+
+METRICS_PORT = 9464
+
+
+def scrape(guest: Guest) -> dict[str, float]:
+    """name{labels} -> value, scraped over HTTP inside the guest."""
+    text = guest.run(
+        [
+            "python3",
+            "-c",
+            f"import urllib.request; print(urllib.request.urlopen("
+            f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=10).read().decode())",
+        ]
+    ).stdout
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_of_the_packaged_service_count_what_it_did(agents):
+    agents.write(CONFIG, AGENTS + f'\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n')
+    try:
+        # a reload cannot open the listener (named in the refusal); a restart does
+        refused = agents.run(["agentctl", "reload"], check=False, timeout=60)
+        assert refused.returncode != 0 and "[metrics] listen" in refused.stderr, refused.stderr
+        restart_clean(agents)
+        wait_for(
+            lambda: agents.run(["agentctl", "status"], check=False).returncode == 0,
+            timeout=30,
+            what="healthy after the restart",
+        )
+        for i in range(3):
+            assert send(agents, "cat", f"metered {i}")[:2] == (0, f"metered {i}")
+        samples = scrape(agents)
+        assert samples['agent_messages_done_total{agent="cat"}'] == 3
+        assert samples['agent_run_duration_seconds_count{agent="cat"}'] == 3
+        assert samples['agent_health{state="healthy"}'] == 1
+        assert samples['agent_worker_state{state="running",worker="dispatcher"}'] == 1
+        assert samples["agent_watchdog_pings_withheld_total"] == 0
+    finally:
+        agents.write(CONFIG, AGENTS)
+        restart_clean(agents)
