@@ -159,6 +159,8 @@ class PostgresConfig(Section):
         "connect_timeout": Setting(5.0, "float", _seconds(1, 300), _within(1, 300)),
         "statement_timeout": Setting(10.0, "float", _seconds(0.1, 3600), _within(0.1, 3600)),
         "pool_size": Setting(4, "int", "a whole number from 1 to 64", _within(1, 64)),
+        # a claim is held this long unless renewed (every lease/3 by the holder)
+        "lease": Setting(60.0, "float", _seconds(1, 3600), _within(1, 3600)),
     }
 
 

@@ -45,6 +45,16 @@ EVENTS: dict[str, str] = {
     "message.retry": "a run failed; the message is tried again after a delay",
     "message.failed": "a message failed for good; it is in failed/ with a reason",
     "message.quarantined": "a file in incoming/ cannot be moved; skipped until restart",
+    # the shared PostgreSQL queue ([queue] backend = "postgres", docs/scaling.md)
+    "queue.db.down": "the queue database does not answer; incoming messages wait on disk",
+    "queue.db.up": "the queue database answers again",
+    "queue.db.kept": "a run's outcome was kept on this host: the queue database did not answer",
+    "queue.db.flushed": "outcomes kept during an outage were written to the queue database",
+    "queue.db.pool": "a warning of the database connection pool (rate-limited)",
+    "queue.lease_lost": "this host's lease on a message was taken back; its run will not reply",
+    "queue.lease_reclaimed": "an expired lease (of a dead or frozen host) was taken back",
+    "message.ingested": "a local message was inserted into the shared queue",
+    "message.lost": "a run ended after its message was taken over; its reply was dropped",
     # the dispatcher and the agent
     "dispatcher.error": "the dispatcher met an error outside a run",
     "dispatcher.orphans_killed": "agent processes of an earlier run were killed",

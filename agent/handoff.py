@@ -30,6 +30,7 @@ class Handoff:
         self.recovered = threading.Event()
         self.limit = limit
         self.on_room: Callable[[], None] | None = None  # called when a full hand-off frees up
+        self.on_finished: Callable[[], None] | None = None  # called when any message is done
         self._lock = threading.Lock()
         self._outstanding = 0
 
@@ -45,6 +46,12 @@ class Handoff:
             self._outstanding -= 1
         if was_full and self.on_room is not None:
             self.on_room()
+        if self.on_finished is not None:
+            self.on_finished()
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return self._outstanding
 
     def room(self) -> int:
         with self._lock:

@@ -402,6 +402,26 @@ class Queue:
             _write_private(path, _json_bytes(reply))
         return path
 
+    def put_reply(self, reply: dict[str, Any]) -> Path:
+        """A reply computed elsewhere (the shared queue, docs/scaling.md) written into
+        outgoing/<channel>_<messageId>.json for its local reader; writing it twice
+        overwrites, never adds."""
+        path = self.outgoing / reply_name(reply["channel"], str(reply["messageId"]))
+        with self._replies:
+            _write_private(path, _json_bytes(reply))
+        return path
+
+    def put_failed(self, data: dict[str, Any], reason: str) -> str:
+        """A message that failed elsewhere (the shared queue) written into failed/ under
+        its reply name with its reason file, as fail() would leave it; its name there."""
+        message = Message(reply_name(data["channel"], str(data["messageId"])), data)
+        with self._replies:
+            target = self._failed_name(message.name, message, duplicate=False)
+            failure = Failure.about(reason, message.name, message).as_json()
+            _write_private(self.failed / f"{target}.reason", _json_bytes(failure))
+            _write_private(self.failed / target, _json_bytes(data))
+        return target
+
     def done(self, name: str) -> None:
         """The reply is durable: forget the claimed message."""
         with contextlib.suppress(FileNotFoundError):

@@ -211,6 +211,16 @@ WHERE m.id = expired.id AND m.state = 'running' AND m.lease_expires_at < now()
 RETURNING m.id, expired.lease_owner, m.state, m.attempts
 """
 
+RECLAIM_OWN = f"""
+UPDATE messages
+SET state = CASE WHEN attempts >= %(max_attempts)s THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN attempts >= %(max_attempts)s THEN now() END,
+    error = 'host ' || lease_owner || ' restarted (attempt ' || attempts || ')',
+    run_after = now(), {RELEASE_LEASE}
+WHERE state = 'running' AND lease_owner = %(host)s
+RETURNING id, %(host)s, state, attempts
+"""
+
 REGISTER = """
 INSERT INTO hosts (host_id, started_at, heartbeat_at, in_flight, version)
 VALUES (%(host)s, now(), now(), 0, %(version)s)
@@ -229,6 +239,18 @@ SELECT count(*) FILTER (WHERE state = 'queued'),
        count(*) FILTER (WHERE state = 'running'),
        count(*) FILTER (WHERE state = 'failed')
 FROM messages WHERE state IN ('queued', 'running', 'failed')
+"""
+
+UNDELIVERED = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages
+WHERE origin_host = %(host)s AND state IN ('done', 'failed') AND delivered_at IS NULL
+ORDER BY id
+LIMIT %(limit)s
+"""
+
+DELIVERED = """
+UPDATE messages SET delivered_at = now()
+WHERE id = ANY(%(ids)s) AND delivered_at IS NULL AND state IN ('done', 'failed')
 """
 
 HOST_STATS = """
@@ -354,6 +376,23 @@ class PgQueue:
         """Take back the expired leases of any host (run by every host, now and then)."""
         params = {"max_attempts": max_attempts, "limit": limit}
         return [Reclaimed(*row) for row in self._rows("reclaim leases", RECLAIM, params)]
+
+    # ---- replies for local producers (the origin host writes them into its queue/)
+
+    def undelivered(self, host: str, limit: int = 100) -> list[QueuedMessage]:
+        """Finished messages of `host`'s own producers whose outcome it has not written yet."""
+        params = {"host": host, "limit": limit}
+        return self._rows("read replies to deliver", UNDELIVERED, params, QueuedMessage)
+
+    def mark_delivered(self, ids: Sequence[int]) -> None:
+        with self._conn("mark replies delivered") as conn:
+            conn.execute(DELIVERED, {"ids": list(ids)})
+
+    def reclaim_own(self, host: str, max_attempts: int) -> list[Reclaimed]:
+        """At start: leases `host` holds belong to its previous life (a crash): they are
+        taken back at once instead of after their expiry. host_id must be unique."""
+        params = {"host": host, "max_attempts": max_attempts}
+        return [Reclaimed(*row) for row in self._rows("reclaim own leases", RECLAIM_OWN, params)]
 
     # ---- hosts and the cluster
 

@@ -18,6 +18,8 @@ from agent.adapters import adapter_for
 from agent.agentenv import agent_environment, agent_workdir, prepare_home
 from agent.agenthealth import AgentsHealth
 from agent.agentrun import RunResult, choose_agent, run_agent
+from agent.backend import DONE as REPLY_DONE
+from agent.backend import DUPLICATE, LOST, QueueBackend, backend_for
 from agent.clock import iso_utc
 from agent.config import Config
 from agent.handoff import Handoff, handoff_for
@@ -26,13 +28,14 @@ from agent.log import event
 from agent.metrics import NO_METRICS, Metrics
 from agent.queue import Message, Queue, is_machine_trouble, make_reply
 from agent.runledger import RunLedger
-from agent.sessions import SessionStore
+from agent.sessions import open_session_store
 from agent.worker import Worker, WorkerContext
 
 IDLE_WAIT = 0.5
 JOIN_SECONDS = 8.0
 
 DONE, FAILED, RETRY, STOPPED = "done", "failed", "retry", "stopped"
+HANDED_BACK = "handed back"  # a failed run went back to the shared queue: the lane is free
 NO_AGENT = "no agent configured: add an [agents.default] table (agentctl init)"
 
 
@@ -40,15 +43,20 @@ class DispatcherWorker(Worker):
     name = "dispatcher"
 
     def __init__(
-        self, config: Config, handoff: Handoff | None = None, metrics: Metrics = NO_METRICS
+        self,
+        config: Config,
+        handoff: Handoff | None = None,
+        metrics: Metrics = NO_METRICS,
+        backend: QueueBackend | None = None,
     ):
         self.config = config
         self.metrics = metrics
         self.settings = config.dispatcher
         self.queue = Queue(config.queue_dir)
+        self.backend = backend or backend_for(config, self.queue)
         self.handoff = handoff or handoff_for(config.queue_dir)
         self.ledger = RunLedger(config.state_dir / "runs")
-        self.sessions = SessionStore(config.state_dir)
+        self.sessions = open_session_store(config)  # a file, or the shared database table
         # received but not finished, by receipt number; survives a restart of this
         # worker (order kept). Not by file name: a name is free again once its file is done.
         self.unfinished: dict[int, Message] = {}
@@ -111,6 +119,22 @@ class DispatcherWorker(Worker):
         deadline = time.monotonic() + JOIN_SECONDS
         for thread in list(self.threads):
             thread.join(max(deadline - time.monotonic(), 0))
+        self._let_go()
+        self.sessions.close()  # the database's pool, if any (reopened at first use)
+
+    def _let_go(self) -> None:
+        """Messages received but not finished: the backend may give them up (postgres:
+        released to the other hosts). Files keep them claimed for the next start."""
+        if self.backend.name == "files":
+            return
+        while (item := self._next_item(0)) is not None:
+            if item[0] == "message":
+                self._handle(item)
+        given_up = {id(m) for m in self.backend.let_go(list(self.unfinished.values()))}
+        for number, message in list(self.unfinished.items()):
+            if id(message) in given_up:
+                del self.unfinished[number]
+                self.handoff.finished()
 
     def health(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -306,8 +330,8 @@ class DispatcherWorker(Worker):
             )
 
     def _attempt(self, message: Message, stop: threading.Event, number: int) -> tuple[str, float]:
-        if not self.queue.is_claimed(message.name):
-            return DONE, 0.0  # finished by a previous life of this worker: never run twice
+        if not self.backend.is_current(message):
+            return DONE, 0.0  # finished by a previous life, or its lease lost: never run twice
         try:
             agent_name = choose_agent(self.config.agents, message.data.get("agent"))
         except ValueError as exc:
@@ -318,12 +342,13 @@ class DispatcherWorker(Worker):
         if result.stopped:
             return STOPPED, 0.0
         if result.ok:
-            written = self.queue.write_reply(message, make_reply(message, result.reply, agent_name))
-            if written.parent == self.queue.failed:  # a duplicate messageId: not our reply
-                reason = f"duplicate messageId; failed as {written.name}"
-                self._counted_failure(message, reason, agent_name)
+            replied = self.backend.reply(message, make_reply(message, result.reply, agent_name))
+            if replied.status == DUPLICATE:  # a duplicate messageId: not our reply
+                self._counted_failure(message, replied.detail or DUPLICATE, agent_name)
                 return FAILED, 0.0
-            self.queue.done(message.name)
+            if replied.status == LOST:
+                self._lost(message, agent_name, replied.detail or "")
+                return DONE, 0.0
             self.metrics.message_done(agent_name)
             self.done += 1
             self.last_processed = time.time()
@@ -336,6 +361,7 @@ class DispatcherWorker(Worker):
                 agent=agent_name,
                 attempts=message.attempts + 1,
                 duration_ms=round((time.monotonic() - started) * 1000),
+                **({} if replied.status == REPLY_DONE else {"kept_locally": True}),
             )
             return DONE, 0.0
         return self._after_failed_run(message, agent_name, result.error or "failed")
@@ -359,10 +385,10 @@ class DispatcherWorker(Worker):
             message.data["attempts"] = attempts
             self._fail(message, f"agent '{agent}' failed {attempts} time(s); last: {error}", agent)
             return FAILED, 0.0
-        self.queue.record_attempt(message, error)
         delay = min(
             self.settings.retry_backoff * 2 ** (attempts - 1), self.settings.retry_backoff_max
         )
+        kept_here = self.backend.retry(message, error, delay)
         self.metrics.message_retried(agent)
         self.retries += 1
         self.last_error = f"{message.message_id}: {error}"
@@ -378,11 +404,24 @@ class DispatcherWorker(Worker):
             error=error,
             retry_in_s=delay,
         )
-        return RETRY, delay
+        return (RETRY, delay) if kept_here else (HANDED_BACK, 0.0)
 
     def _fail(self, message: Message, reason: str, agent: str | None) -> None:
-        target = self.queue.fail(message.name, reason, message)
+        target = self.backend.fail(message, reason)
         self._counted_failure(message, reason, agent, target)
+
+    def _lost(self, message: Message, agent: str, why: str) -> None:
+        """The run ended after its message was taken over elsewhere: its reply is dropped."""
+        event(
+            "message.lost",
+            f"{message.channel} message {message.message_id}: the reply of this run is "
+            f"dropped ({why})",
+            worker=self.name,
+            level=logging.WARNING,
+            message_id=message.message_id,
+            channel=message.channel,
+            agent=agent,
+        )
 
     def _counted_failure(
         self, message: Message, reason: str, agent: str | None, target: str | None = None

@@ -120,6 +120,10 @@ class HeartbeatWorker(Worker):
         return any(item.agent == agent and self._in_queue(item) for item in self.pending.values())
 
     def _in_queue(self, item: Pending) -> bool:
+        if self.config.queue.backend == "postgres":
+            # its file left incoming/ for the shared queue (docs/scaling.md): it waits
+            # there until answered, as far as this host can tell; given up after 10 ticks
+            return time.monotonic() - item.sent < 10 * self.interval
         return self.queue.is_waiting(item.file)
 
     def _check_replies(self, now: float) -> None:

@@ -184,12 +184,16 @@ class QueueWorker(Worker):
             with contextlib.suppress(OSError):
                 self.queue.ensure_dirs()  # removed by hand: recreate it for the next round
             return
-        room = self.handoff.room()  # the dispatcher has enough: the rest waits in incoming/
+        room = self._room()  # the dispatcher has enough: the rest waits in incoming/
         if room > 0 and now >= self.paused_until:
             batch = [e for e in entries if self._due(e.name, now)][:room]
             gone = {e.name for e in batch[: self._claim(ctx, batch)]}
             self._count_waiting([e for e in entries if e.name not in gone])
         self._note_backlog(time.monotonic())
+
+    def _room(self) -> int:
+        """How many entries of incoming/ this round may claim."""
+        return self.handoff.room()
 
     def _candidates(self, now: float) -> list[Entry]:
         """Entries of incoming/, oldest first, without the quarantined; forgets the
@@ -254,10 +258,9 @@ class QueueWorker(Worker):
             agent = choose_agent(self.agents, message.data.get("agent"))
         except ValueError as exc:  # fails here, without taking a place in the hand-off
             return self._reject(name, str(exc), "unknown_agent", message)
-        self._hand_over(message, agent)
-        return False
+        return self._hand_over(message, agent)
 
-    def _hand_over(self, message: Message, agent: str) -> None:
+    def _hand_over(self, message: Message, agent: str) -> bool:
         self._remember_in_flight(message)
         self.metrics.message_claimed(agent)
         self.claimed += 1
@@ -271,6 +274,7 @@ class QueueWorker(Worker):
             file=printable(message.name),
         )
         self.handoff.put(message)
+        return False
 
     def _duplicate_of(self, message: Message) -> str | None:
         earlier = self.in_flight.get(message.reply_name)
