@@ -90,11 +90,48 @@ def collect_status(
         },
         "workers": [_ordered(w, WORKER_KEYS) for w in workers],
     }
+    cluster = _cluster(workers, now) if state == "running" else None
+    if cluster:
+        report["cluster"] = cluster
     if not unit_facts and state == "running":
         return report
     from agent.systemd_unit import merge_unit_facts  # systemd's view, when it manages us
 
     return merge_unit_facts(report, config)
+
+
+# The shared queue's view (postgres backend), as the queue worker last saw it: shown in
+# its own rows, not in the worker's DETAIL.
+CLUSTER_KEYS = ("host_id", "cluster_depth", "cluster_oldest_s", "cluster_running")
+CLUSTER_KEYS += ("cluster_hosts", "db_latency_ms", "hosts")
+
+
+def _cluster(workers: list[dict[str, Any]], now: float) -> dict[str, Any] | None:
+    queue = next((w for w in workers if w["name"] == "queue"), None)
+    detail = (queue or {}).get("detail") or {}
+    if detail.get("backend") != "postgres":
+        return None
+    hosts = []
+    for host in detail.get("hosts") or []:
+        beat = host.get("last_heartbeat")
+        age = round(max(now - parse_iso(beat), 0.0), 1) if beat else None
+        hosts.append(
+            {
+                **host,
+                "heartbeat_age_s": age,
+                "this_host": host.get("host_id") == detail.get("host_id"),
+            }
+        )
+    return {
+        "backend": "postgres",
+        "host_id": detail.get("host_id"),
+        "db": detail.get("db"),
+        "db_latency_ms": detail.get("db_latency_ms"),
+        "depth": detail.get("cluster_depth"),
+        "oldest_age_s": detail.get("cluster_oldest_s"),
+        "running": detail.get("cluster_running"),
+        "hosts": hosts,
+    }
 
 
 def _saved_state(config: Config) -> tuple[StateRecord, str | None]:
@@ -216,6 +253,9 @@ def render_status(report: dict[str, Any], width: int | None = None) -> str:
     unit = report.get("systemd")
     if unit:
         rows.append(("systemd", _unit_line(unit)))
+    cluster = report.get("cluster")
+    if cluster:
+        rows += _cluster_rows(cluster)
     for key, value in rows:
         lines.append(_cut(f"  {key + ':':<12}{'-' if value is None else value}", width))
     if report["workers"]:
@@ -224,6 +264,25 @@ def render_status(report: dict[str, Any], width: int | None = None) -> str:
             lines.append("Workers as last recorded before the crash:")
         lines.append(_worker_table(report["workers"], width))
     return "\n".join(lines)
+
+
+def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
+    latency = cluster.get("db_latency_ms")
+    db = f"postgres {cluster.get('db')}" + (f", {latency} ms" if latency is not None else "")
+    oldest = cluster.get("oldest_age_s")
+    queue = (
+        f"depth {cluster.get('depth', '-')}, oldest "
+        f"{'-' if oldest is None else f'{oldest:.1f}s'}, running {cluster.get('running', '-')}"
+    )
+    hosts = "; ".join(_host_text(h) for h in cluster.get("hosts") or [])
+    return [("queue db", db), ("cluster", queue), ("hosts", hosts or "-")]
+
+
+def _host_text(host: dict[str, Any]) -> str:
+    age = host.get("heartbeat_age_s")
+    beat = "-" if age is None else f"{age:.1f}s ago"
+    this = " (this host)" if host.get("this_host") else ""
+    return f"{host['host_id']}{this}: heartbeat {beat}, {host.get('in_flight', 0)} running"
 
 
 def _unit_line(unit: dict[str, Any]) -> str:
@@ -263,6 +322,8 @@ def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
     detail = dict(w.get("detail") or {})
     # a problem the worker reports in its detail belongs in LAST ERROR, not DETAIL
     degraded, detail_error = detail.pop("degraded", None), detail.pop("last_error", None)
+    for key in CLUSTER_KEYS:  # in the report's own rows
+        detail.pop(key, None)
     state = w["state"]
     if state == CRASHED and w.get("last_state"):
         state = f"was {w['last_state']}"

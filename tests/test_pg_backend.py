@@ -198,6 +198,13 @@ def test_send_wait_and_dropped_files_are_answered_once_and_status_shows_the_data
     assert (detail["backend"], detail["db"], detail["host_id"]) == ("postgres", "ok", "a")
     text = env.agentctl("status").stdout
     assert "backend=postgres" in text and "db=ok" in text
+    assert "  queue db:   postgres ok, " in text and " ms" in text
+    assert "  cluster:    depth 0, oldest -, running 0" in text
+    assert "  hosts:      a (this host): heartbeat " in text
+    cluster_view = env.status()[1]["cluster"]
+    assert cluster_view["db_latency_ms"] >= 0 and cluster_view["host_id"] == "a"
+    [me] = cluster_view["hosts"]
+    assert me["this_host"] and me["heartbeat_age_s"] < 30 and me["in_flight"] == 0
 
 
 def test_same_conversation_runs_strictly_in_order(backend, tmp_path):
@@ -308,6 +315,14 @@ def test_three_hosts_share_the_load_in_order_and_each_producer_gets_its_replies(
         started = [m for w, conv, m, _, _ in runs(log) if w == "start" and conv == f"conv{c}"]
         assert started == sorted(started), f"conv{c} ran out of order"
     assert {r[1] for r in rows(cluster.dsn)} == {"done"}
+    # every host's status lists the three, each with a heartbeat
+    view = wait_for(
+        lambda: len((v := hosts[0].status()[1].get("cluster") or {}).get("hosts") or []) == 3 and v,
+        what="three hosts in a's status",
+    )
+    assert [h["host_id"] for h in view["hosts"]] == ["a", "b", "c"]
+    assert [h["this_host"] for h in view["hosts"]] == [True, False, False]
+    assert all(h["heartbeat_age_s"] is not None for h in view["hosts"])
 
 
 def slow_first_attempt(tmp_path: Path, log: Path, seconds: float) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.clock import iso_utc
 from agent.config import Config
 from agent.errors import DatabaseError
 from agent.log import event
@@ -65,6 +66,8 @@ class PgHost:
         self.down_since: float | None = time.monotonic()
         self.next_try = 0.0
         self.stats: Any = None  # ClusterStats of the last stats() call
+        self.stats_latency_ms: float | None = None  # its round trip
+        self.stats_at = 0.0  # wall clock time of it
         self._lock = threading.Lock()
 
     # ---- the connection
@@ -258,7 +261,12 @@ class PgHost:
         return self.call(lambda q: q.release(self.host, ids))
 
     def refresh_stats(self) -> None:
-        self.stats = self.call(lambda q: q.stats())
+        began = time.monotonic()
+        stats = self.call(lambda q: q.stats())
+        if stats is not None:
+            self.stats_latency_ms = round((time.monotonic() - began) * 1000, 1)
+            self.stats_at = time.time()
+        self.stats = stats
 
     # ---- outcomes (the dispatcher's run threads)
 
@@ -334,6 +342,16 @@ class PgHost:
             )
             detail["cluster_running"] = stats.running
             detail["cluster_hosts"] = len(stats.hosts)
+            detail["db_latency_ms"] = self.stats_latency_ms
+            # each host's last heartbeat as a time, so that status can age it from now
+            detail["hosts"] = [
+                {
+                    "host_id": h.host_id,
+                    "last_heartbeat": iso_utc(self.stats_at - h.heartbeat_age_s),
+                    "in_flight": h.leases,
+                }
+                for h in stats.hosts
+            ]
         return detail
 
 
