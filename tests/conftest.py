@@ -1,6 +1,8 @@
+from dataclasses import dataclass
+
 import pytest
 
-from tests.helpers import AgentEnv, skip_or_fail
+from tests.helpers import AgentEnv, pg_sections, skip_or_fail
 
 
 @pytest.fixture
@@ -49,3 +51,36 @@ def pg(pg_cluster):
 def pg_dsn(pg):
     """A libpq connection string to a fresh, empty database of this test's own."""
     return pg.dsn(pg.create_database())
+
+
+@dataclass
+class QueueBackend:
+    name: str  # "files" | "postgres"
+    dsn: str | None = None  # the postgres run's own database
+
+    @property
+    def postgres(self) -> bool:
+        return self.name == "postgres"
+
+    def rows(self, where: str = "true") -> list[tuple]:
+        """(message_id, state, attempts, reply_host, origin_host) of the shared queue."""
+        import psycopg
+
+        assert self.dsn is not None
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT message_id, state, attempts, reply_host, origin_host"
+                f" FROM messages WHERE {where} ORDER BY id"
+            ).fetchall()
+
+
+@pytest.fixture(params=["files", "postgres"])
+def queue_backend(request, agent_env):
+    """Runs a test on both queue backends: for "postgres", every agent_env.write_config
+    adds [queue] backend = "postgres" on a fresh database of the test's own (host "solo")."""
+    if request.param == "files":
+        return QueueBackend("files")
+    dsn = request.getfixturevalue("pg_dsn")
+    agent_env.defaults = pg_sections(dsn, "solo")
+    agent_env.write_config()
+    return QueueBackend("postgres", dsn)

@@ -47,6 +47,9 @@ class AgentEnv:
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     started: list[int] = field(default_factory=list)  # supervisor pids, for the teardown
+    # sections every write_config adds under the test's own (the queue_backend fixture's
+    # [queue] backend = "postgres"); a test's sections override them key by key
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -70,7 +73,7 @@ class AgentEnv:
         }
         if not no_agent and not any(name.startswith("agents.") for name in sections):
             self.config["agents.default"] = {"command": ["cat"]}
-        for name, values in sections.items():
+        for name, values in [*self.defaults.items(), *sections.items()]:
             self.config.setdefault(name, {}).update(values)
         self.config_path.write_text(_toml(self.state_dir, self.config))
 
@@ -137,6 +140,20 @@ class AgentEnv:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.log_records() if r.get("event") == name]
+
+
+def pg_sections(dsn: str, host: str, lease: float = 2.0) -> dict[str, dict[str, Any]]:
+    """The config sections of a host on the shared PostgreSQL queue at dsn."""
+    return {
+        "queue": {"backend": "postgres"},
+        "queue.postgres": {
+            "dsn": dsn,
+            "host_id": host,
+            "lease": lease,
+            "connect_timeout": 1,
+            "statement_timeout": 2,
+        },
+    }
 
 
 def _toml(state_dir: Path, config: dict[str, Any]) -> str:

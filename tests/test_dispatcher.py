@@ -1,4 +1,9 @@
-"""Queue + dispatcher through a real supervisor: real files, real agent processes, signals."""
+"""Queue + dispatcher through a real supervisor: real files, real agent processes, signals.
+
+Every test runs on both queue backends (the queue_backend fixture, tests/conftest.py): the
+file queue, and the shared PostgreSQL queue of one host ("solo") with local ingress
+through incoming/ and the outcomes written back into outgoing/ and failed/.
+"""
 
 import json
 import os
@@ -11,7 +16,7 @@ import pytest
 from agent.queue import Queue, new_message
 from tests.helpers import pid_alive, pids_with_cmdline, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("queue_backend")]
 
 FAST_RETRY = {"retry_backoff": 0.05, "retry_backoff_max": 0.2}
 
@@ -167,13 +172,34 @@ def test_a_message_that_keeps_failing_goes_to_failed_with_payload_intact(agent_e
     wait_for(lambda: (failed / "local_f2.json").exists(), what="f2 in failed/")
     kept = json.loads((failed / "local_f1.json").read_text())
     assert (kept["message"], kept["conversationId"], kept["attempts"]) == ("doomed", "c", 1)
-    assert failed_reason(agent_env, "local_f1.json").endswith("exit status 1: nope")
+    reason = failed_reason(agent_env, "local_f1.json")
+    assert reason.startswith("agent 'default' failed 2 time(s)")
+    assert reason.endswith("exit status 1: nope")
+    assert [r["message_id"] for r in agent_env.events("message.retry")] == ["f1", "f2"]
     record, _ = wait_for(
         lambda: len(events := agent_env.events("message.failed")) == 2 and events,
         what="two message.failed events",
     )
     assert record["message_id"] == "f1" and record["level"] == "error"
     assert outgoing(agent_env) == {}
+    done = agent_env.agentctl("send", "--wait", "--timeout", "20", "x")
+    assert done.returncode != 0 and "failed" in done.stderr
+
+
+def test_a_second_message_with_an_answered_id_goes_to_failed_as_a_duplicate(agent_env):
+    agent_env.start()
+    enqueue(agent_env, "first", "d1")
+    wait_for(lambda: reply(agent_env, "d1"), what="d1 answered")
+    enqueue(agent_env, "second, same id", "d1-again")  # file name differs, messageId below
+    data = new_message("local", "second", "tester", "u1", message_id="d1")
+    Queue(agent_env.state_dir / "queue").enqueue(data, name="d1-dup.json")
+    failed = agent_env.state_dir / "queue" / "failed"
+    dup = wait_for(
+        lambda: [p.name for p in failed.glob("local_d1.*.json")], what="the duplicate failed"
+    )
+    assert "duplicate messageId" in failed_reason(agent_env, dup[0])
+    wait_for(lambda: reply(agent_env, "d1-again"), what="the queue flows on")
+    assert reply(agent_env, "d1")["message"] == "first"
 
 
 def test_malformed_input_goes_to_failed_and_never_blocks_the_queue(agent_env):
@@ -259,7 +285,9 @@ def test_timeout_kills_the_whole_process_group(agent_env, tmp_path):
     wait_for(lambda: not any(pid_alive(p) for p in pids), what="agent and helper gone")
 
 
-def test_shutdown_kills_in_flight_runs_and_the_message_is_redone(agent_env, tmp_path):
+def test_shutdown_kills_in_flight_runs_and_the_message_is_redone(
+    agent_env, queue_backend, tmp_path
+):
     marker = tmp_path / "slow"
     marker.touch()
     agent_env.write_config(**{"agents.default": {"command": grandchild_script(tmp_path, marker)}})
@@ -270,13 +298,20 @@ def test_shutdown_kills_in_flight_runs_and_the_message_is_redone(agent_env, tmp_
     assert done.returncode == 0, done.stderr
     assert not any(pid_alive(p) for p in pids)
     processing = agent_env.state_dir / "queue" / "processing"
-    assert [p.name for p in processing.iterdir()] == ["s1.json"]  # kept, not failed
+    if queue_backend.postgres:  # released to the shared queue: kept, not failed, no attempt
+        assert [r[:3] for r in queue_backend.rows()] == [("s1", "queued", 0)]
+        assert os.listdir(processing) == []
+    else:
+        assert [p.name for p in processing.iterdir()] == ["s1.json"]  # kept, not failed
     assert agent_env.events("message.retry") == []
     marker.unlink()
     agent_env.start()
     assert wait_for(lambda: reply(agent_env, "s1"), what="s1 redone")["message"] == "long job"
-    [record] = agent_env.events("queue.recovered")
-    assert record["count"] == 1
+    if queue_backend.postgres:
+        assert [r[:3] for r in queue_backend.rows()] == [("s1", "done", 1)]
+    else:
+        [record] = agent_env.events("queue.recovered")
+        assert record["count"] == 1
 
 
 def test_child_env_and_workdir(agent_env, tmp_path):

@@ -6,7 +6,8 @@ exactly once on the producer's host whichever host ran the message; a conversati
 in order and never twice at once across hosts; a killed or frozen host's claim is taken
 over and the late host delivers nothing; a database restart or outage loses nothing and
 answers nothing twice, while the supervisors stay up and say they are degraded.
-Several behaviours of the file queue are run against both backends.
+The file queue's behaviours run against both backends in tests/test_dispatcher.py and
+tests/test_queue.py (the queue_backend fixture, tests/conftest.py).
 """
 
 import json
@@ -20,24 +21,9 @@ from pathlib import Path
 import pytest
 
 from agent.queue import Queue, new_message
-from tests.helpers import AgentEnv, pid_alive, wait_for
+from tests.helpers import AgentEnv, pg_sections, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
-
-FAST_RETRY = {"retry_backoff": 0.05, "retry_backoff_max": 0.2}
-
-
-def pg_sections(dsn: str, host: str, lease: float = 2.0) -> dict:
-    return {
-        "queue": {"backend": "postgres"},
-        "queue.postgres": {
-            "dsn": dsn,
-            "host_id": host,
-            "lease": lease,
-            "connect_timeout": 1,
-            "statement_timeout": 2,
-        },
-    }
 
 
 def script(tmp_path: Path, name: str, body: str) -> list[str]:
@@ -71,11 +57,6 @@ def outgoing(env: AgentEnv) -> dict[str, dict]:
     if not out.exists():
         return {}
     return {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
-
-
-def failed_reason(env: AgentEnv, name: str) -> str:
-    path = env.state_dir / "queue" / "failed" / f"{name}.reason"
-    return json.loads(path.read_text())["reason"]
 
 
 def rows(dsn: str, where: str = "true") -> list[tuple]:
@@ -160,19 +141,6 @@ def cluster(tmp_path, pg_dsn):
         env.kill_leftovers()
 
 
-@pytest.fixture(params=["files", "postgres"])
-def backend(request, agent_env):
-    """(env, configure): configure(**sections) writes the config for this backend."""
-    extra = {}
-    if request.param == "postgres":
-        extra = pg_sections(request.getfixturevalue("pg_dsn"), "solo")
-
-    def configure(**sections) -> None:
-        agent_env.write_config(**extra, **sections)
-
-    return agent_env, configure
-
-
 # ---- one host
 
 
@@ -205,82 +173,6 @@ def test_send_wait_and_dropped_files_are_answered_once_and_status_shows_the_data
     assert cluster_view["db_latency_ms"] >= 0 and cluster_view["host_id"] == "a"
     [me] = cluster_view["hosts"]
     assert me["this_host"] and me["heartbeat_age_s"] < 30 and me["in_flight"] == 0
-
-
-def test_same_conversation_runs_strictly_in_order(backend, tmp_path):
-    env, configure = backend
-    log = tmp_path / "runs.log"
-    configure(
-        **{
-            "agents.default": {"command": logging_agent(tmp_path, log, "sleep 0.05\n")},
-            "dispatcher": {"concurrency": 4},
-        }
-    )
-    for i in range(6):  # queued before start
-        enqueue(env, f"m{i}", f"m{i}", conversationId="same")
-    env.start()
-    wait_for(lambda: len(outgoing(env)) == 6, what="six replies")
-    assert [r[2] for r in runs(log) if r[0] == "start"] == [f"m{i}" for i in range(6)]
-    assert_one_run_at_a_time(log)
-
-
-def test_a_message_that_keeps_failing_fails_with_its_reason(backend, tmp_path):
-    env, configure = backend
-    command = script(tmp_path, "agent.sh", "cat > /dev/null; echo nope >&2; exit 1\n")
-    configure(
-        **{"agents.default": {"command": command}, "dispatcher": {"max_attempts": 2, **FAST_RETRY}}
-    )
-    env.start()
-    enqueue(env, "doomed", "f1", conversationId="c")
-    enqueue(env, "after", "f2", conversationId="c")  # not blocked for good behind f1
-    failed = env.state_dir / "queue" / "failed"
-    wait_for(lambda: (failed / "local_f2.json").exists(), what="f2 in failed/")
-    kept = json.loads((failed / "local_f1.json").read_text())
-    assert (kept["message"], kept["conversationId"]) == ("doomed", "c")
-    reason = failed_reason(env, "local_f1.json")
-    assert reason.startswith("agent 'default' failed 2 time(s)")
-    assert reason.endswith("exit status 1: nope")
-    retries = env.events("message.retry")
-    assert [r["message_id"] for r in retries] == ["f1", "f2"]
-    assert outgoing(env) == {}
-    done = env.agentctl("send", "--wait", "--timeout", "20", "x")
-    assert done.returncode != 0 and "failed" in done.stderr
-
-
-def test_a_poison_file_goes_to_failed_and_never_stalls_the_queue(backend):
-    env, configure = backend
-    configure()
-    env.start()
-    queue = Queue(env.state_dir / "queue")
-    (queue.tmp / "poison.json").write_text("[" * 200_000)
-    os.rename(queue.tmp / "poison.json", queue.incoming / "0-poison.json")
-    for i in range(3):
-        enqueue(env, f"m{i}", f"ok{i}")
-    wait_for(
-        lambda: sorted(outgoing(env)) == [f"local_ok{i}.json" for i in range(3)],
-        what="the three good messages answered",
-    )
-    assert "unreadable JSON: RecursionError" in failed_reason(env, "0-poison.json")
-    wait_for(lambda: os.listdir(queue.processing) == [], what="processing/ empty")
-    assert env.worker("queue")["state"] == "running"
-
-
-def test_a_second_message_with_an_answered_id_goes_to_failed_as_a_duplicate(backend):
-    env, configure = backend
-    configure()
-    env.start()
-    enqueue(env, "first", "d1")
-    wait_for(lambda: outgoing(env).get("local_d1.json"), what="d1 answered")
-    enqueue(env, "second, same id", "d1-again")  # file name differs, messageId below
-    data = new_message("local", "second", "tester", "u1", message_id="d1")
-    Queue(env.state_dir / "queue").enqueue(data, name="d1-dup.json")
-    failed = env.state_dir / "queue" / "failed"
-    dup = wait_for(
-        lambda: [p.name for p in failed.glob("local_d1.*.json")], what="the duplicate failed"
-    )
-    assert "duplicate messageId" in failed_reason(env, dup[0])
-    wait_for(lambda: "local_d1-again.json" in outgoing(env), what="the queue flows on")
-    assert outgoing(env)["local_d1.json"]["message"] == "first"
 
 
 # ---- several hosts

@@ -200,6 +200,7 @@ def test_claim_all_respects_a_limit(q):
     assert q.depth() == 3
 
 
+@pytest.mark.usefixtures("queue_backend")  # both backends: local ingress is the same
 def test_a_poison_file_goes_to_failed_and_never_stalls_the_queue(agent_env):
     from agent.queue import Queue
 

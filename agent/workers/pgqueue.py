@@ -30,6 +30,7 @@ from agent.config import Config
 from agent.errors import DatabaseError
 from agent.handoff import Handoff
 from agent.log import event
+from agent.messages import ATTEMPTS
 from agent.metrics import NO_METRICS, Metrics
 from agent.pg.host import DbMessage, PgHost
 from agent.queue import DUPLICATE, Message, printable
@@ -127,7 +128,10 @@ class PgQueueWorker(QueueWorker):
         if row.state == "done":
             self.queue.put_reply(row.reply)
         else:
-            self.queue.put_failed(dict(row.payload), row.error or "failed")
+            data = dict(row.payload)
+            if row.attempts > 1:  # as the file queue's failed/ entry: runs before the last
+                data[ATTEMPTS] = row.attempts - 1
+            self.queue.put_failed(data, row.error or "failed")
 
     # ---- local ingress: the file queue's round, with an insert instead of a hand-off
 
