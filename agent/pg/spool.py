@@ -10,7 +10,9 @@ queue worker tries at every round). The only module that reads or writes that fi
     because another host stored its own reply counts as taken: nothing is delivered
     twice); a crash in between sends it again at next start, and every outcome statement
     is guarded by the message's state, so a second try changes nothing;
-  - an unreadable file is set aside as queue-spool.json.bad (never silently emptied).
+  - an unreadable file is set aside as queue-spool.json.bad (never silently emptied); it is
+    read like a queue entry (agent.queue.read_entry): never through a symlink, never
+    blocking on a FIFO, a regular file of at most SPOOL_LIMIT bytes.
 """
 
 import contextlib
@@ -22,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import atomic_write_bytes
+from agent.queue import InvalidMessage, read_entry
 
 SPOOL_NAME = "queue-spool.json"
+SPOOL_LIMIT = 256 * 1024 * 1024  # an outage's replies; more is not a spool of ours
 COMPLETE, RETRY, FAIL = "complete", "retry", "fail"
 
 
@@ -46,9 +50,11 @@ class Spool:
 
     def _load(self) -> list[Pending]:
         try:
-            raw = self.path.read_bytes()
+            raw = read_entry(self.path, SPOOL_LIMIT)
         except FileNotFoundError:
             return []
+        except InvalidMessage:  # a symlink, a FIFO, a directory, too large
+            raw = b""
         try:
             return [Pending(**item) for item in json.loads(raw)]
         except (ValueError, TypeError):
