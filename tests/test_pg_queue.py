@@ -486,3 +486,24 @@ def test_agentctl_db_status_with_the_files_backend(agent_env):
     assert done.returncode == 0 and done.stdout.startswith("queue backend: files")
     report = json.loads(agent_env.agentctl("--json", "db", "status").stdout)
     assert (report["backend"], report["ok"], report["server"]) == ("files", True, None)
+
+
+@pytest.mark.parametrize("pool_check", ["psycopg_pool's", "ours (psycopg_pool 3.1)"])
+def test_the_first_call_after_a_server_restart_gets_a_live_connection(
+    pg, pg_dsn, monkeypatch, pool_check
+):
+    """Debian 12's psycopg_pool 3.1 has no check on checkout: open_pool then uses its own
+    (agent.pg.connect._checked_pool_class), so no caller meets a connection the restart
+    killed."""
+    import psycopg_pool
+
+    if pool_check.startswith("ours"):
+        monkeypatch.delattr(psycopg_pool.ConnectionPool, "check_connection", raising=False)
+    queue = open_queue(pg_dsn, size=2)
+    try:
+        queue.enqueue(new("before"))
+        queue.enqueue(new("other", conversation="c2"))  # both pooled connections used
+        pg.restart_immediate()
+        assert sorted(ids(queue.claim("h", LEASE, limit=2))) == ["before", "other"]
+    finally:
+        queue.close()

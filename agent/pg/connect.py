@@ -165,7 +165,10 @@ def open_pool(
     connect_timeout."""
     _, psycopg_pool = psycopg_modules()
     pool_cls = psycopg_pool.ConnectionPool
-    extra = {"check": pool_cls.check_connection} if hasattr(pool_cls, "check_connection") else {}
+    if hasattr(pool_cls, "check_connection"):  # psycopg_pool >= 3.2
+        extra = {"check": pool_cls.check_connection}
+    else:  # Debian 12's 3.1: no check on checkout, so we do it
+        pool_cls, extra = _checked_pool_class(pool_cls), {}
     pool = pool_cls(
         target.dsn,
         min_size=1,
@@ -180,3 +183,23 @@ def open_pool(
     with translated(target, "open the connection pool"):
         pool.open(wait=False)
     return pool
+
+
+def _checked_pool_class(base: type) -> type:
+    """A ConnectionPool that tries each connection it hands out (what psycopg_pool 3.2's
+    check_connection does): one the server dropped (a restart) is discarded and replaced,
+    instead of failing the caller's first statement."""
+    psycopg, _ = psycopg_modules()
+
+    class CheckedPool(base):  # type: ignore[misc, valid-type]
+        def getconn(self, timeout: float | None = None) -> Any:
+            for _ in range(self.max_size):
+                conn = super().getconn(timeout)
+                try:
+                    conn.execute("")  # an empty query: one round trip, autocommit
+                    return conn
+                except psycopg.Error:
+                    self.putconn(conn)  # a broken connection is closed, not kept
+            return super().getconn(timeout)
+
+    return CheckedPool
