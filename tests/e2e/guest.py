@@ -46,6 +46,10 @@ GUEST_PACKAGES = (
     "python3-sdnotify",
     "python3-pythonjsonlogger",
     "python3-prometheus-client",
+    # the shared queue backend, as an operator installs it (the .deb's Recommends)
+    "python3-psycopg",
+    "python3-psycopg-pool",
+    "postgresql",
 )
 SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage")
