@@ -112,16 +112,13 @@ def _cluster(workers: list[dict[str, Any]], now: float) -> dict[str, Any] | None
     if detail.get("backend") != "postgres":
         return None
     hosts = []
-    for host in detail.get("hosts") or []:
-        beat = host.get("last_heartbeat")
-        age = round(max(now - parse_iso(beat), 0.0), 1) if beat else None
-        hosts.append(
-            {
-                **host,
-                "heartbeat_age_s": age,
-                "this_host": host.get("host_id") == detail.get("host_id"),
-            }
-        )
+    listed = detail.get("hosts")
+    for host in listed if isinstance(listed, list) else []:
+        if not isinstance(host, dict) or not isinstance(host.get("host_id"), str):
+            continue  # a state file of the wrong shape: what is usable is shown
+        age = _age(host.get("last_heartbeat"), now)
+        this = host["host_id"] == detail.get("host_id")
+        hosts.append({**host, "heartbeat_age_s": age, "this_host": this})
     return {
         "backend": "postgres",
         "host_id": detail.get("host_id"),
@@ -132,6 +129,13 @@ def _cluster(workers: list[dict[str, Any]], now: float) -> dict[str, Any] | None
         "running": detail.get("cluster_running"),
         "hosts": hosts,
     }
+
+
+def _age(iso: Any, now: float) -> float | None:
+    try:
+        return round(max(now - parse_iso(iso), 0.0), 1) if isinstance(iso, str) else None
+    except ValueError:
+        return None
 
 
 def _saved_state(config: Config) -> tuple[StateRecord, str | None]:

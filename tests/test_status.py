@@ -277,3 +277,35 @@ def test_json_keeps_the_whole_text(config, held):
     report = json.loads(json.dumps(collect_status(config, now=NOW)))
     dispatcher = next(w for w in report["workers"] if w["name"] == "dispatcher")
     assert dispatcher["detail"]["degraded"] == LONG
+
+
+def test_the_cluster_view_shows_what_is_usable_of_a_damaged_state_file(config, held):
+    state = saved()
+    state["workers"][0]["detail"] = {
+        "backend": "postgres",
+        "db": "ok",
+        "host_id": "a",
+        "db_latency_ms": 1.5,
+        "cluster_depth": 2,
+        "cluster_oldest_s": 3.0,
+        "cluster_running": 1,
+        "hosts": [
+            {"host_id": "a", "last_heartbeat": "2026-11-24T07:00:09.000Z", "in_flight": 1},
+            {"host_id": "b", "last_heartbeat": "yesterday-ish", "in_flight": 0},
+            "not a host",
+            {"in_flight": 3},
+        ],
+    }
+    write_state(config.state_path, state)
+    report = collect_status(config, now=NOW)
+    hosts = report["cluster"]["hosts"]
+    assert [(h["host_id"], h["heartbeat_age_s"], h["this_host"]) for h in hosts] == [
+        ("a", 1.0, True),
+        ("b", None, False),
+    ]
+    text = render_status(report)
+    assert "  queue db:   postgres ok, 1.5 ms" in text
+    assert "  cluster:    depth 2, oldest 3.0s, running 1" in text
+    assert "  hosts:      a (this host): heartbeat 1.0s ago, 1 running; b: heartbeat -, 0" in text
+    queue_row = next(line for line in text.splitlines() if line.startswith("queue "))
+    assert "hosts=" not in queue_row and "backend=postgres" in queue_row
