@@ -509,3 +509,35 @@ def test_metrics_of_the_packaged_service_count_what_it_did(agents):
     finally:
         agents.write(CONFIG, AGENTS)
         restart_clean(agents)
+
+
+def test_the_real_claude_cli_keeps_its_conversation_through_the_shared_queue(agents):
+    from tests.e2e.test_postgres import QUEUE, ensure_database
+
+    ensure_database(agents)
+    agents.write(CONFIG, AGENTS + QUEUE)
+    try:
+        restart_clean(agents)
+        first = send(agents, "claude", "via the shared queue", conversation="pg-thread")
+        assert first[0] == 0 and first[1].endswith("to 'via the shared queue' (2 messages)"), first
+        second = send(agents, "claude", "and again", conversation="pg-thread")
+        # the session id came back from the database's session map: the CLI resumed
+        assert second[0] == 0 and second[1].endswith("to 'and again' (4 messages)"), second
+        rows = agents.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-At",
+                "-d",
+                "agent",
+                "-c",
+                "SELECT count(*) FROM sessions WHERE conversation LIKE '%pg-thread%'",
+            ]
+        ).stdout.strip()
+        assert rows == "1", rows
+    finally:
+        agents.write(CONFIG, AGENTS)
+        restart_clean(agents)

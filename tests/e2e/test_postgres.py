@@ -15,16 +15,21 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
-SHARED = """
+QUEUE = """
 [queue]
 backend = "postgres"
 [queue.postgres]
 dsn = "host=/run/postgresql dbname=agent"
 host_id = "guest-1"
 statement_timeout = 5
+"""
+SHARED = (
+    QUEUE
+    + """
 [agents.cat]
 command = ["cat"]
 """
+)
 
 
 def status(guest: Guest) -> tuple[int, dict]:
@@ -32,18 +37,24 @@ def status(guest: Guest) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
-@pytest.fixture(scope="module")
-def shared(guest: Guest) -> Iterator[Guest]:
-    original = guest.path(CONFIG).read_text()
+def ensure_database(guest: Guest) -> None:
+    """Debian's postgresql running, with a role and a database for the service's user
+    (peer authentication over /run/postgresql); idempotent."""
     guest.run(["systemctl", "start", "postgresql"], timeout=120)
     wait_for(
         lambda: guest.run(["pg_isready", "-q"], check=False).returncode == 0,
         timeout=60,
         what="postgresql accepting connections",
     )
-    sql = "CREATE ROLE agent LOGIN; CREATE DATABASE agent OWNER agent;"
-    guest.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-c", sql.split(";")[0]])
-    guest.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-c", sql.split(";")[1]])
+    for sql in ("CREATE ROLE agent LOGIN", "CREATE DATABASE agent OWNER agent"):
+        done = guest.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-c", sql], check=False)
+        assert done.returncode == 0 or "already exists" in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def shared(guest: Guest) -> Iterator[Guest]:
+    original = guest.path(CONFIG).read_text()
+    ensure_database(guest)
     guest.write(CONFIG, SHARED)  # the packaged file already has a [queue] table
     restart_clean(guest)
     try:
@@ -67,7 +78,8 @@ def test_the_packaged_service_answers_through_the_shared_queue(shared):
             "-d",
             "agent",
             "-c",
-            "SELECT state || ' ' || origin_host FROM messages",
+            "SELECT state || ' ' || origin_host FROM messages"
+            " WHERE payload->>'message' = 'through postgres'",
         ]
     ).stdout.split()
     assert (state, origin) == ("done", "guest-1")
