@@ -512,7 +512,7 @@ def test_metrics_of_the_packaged_service_count_what_it_did(agents):
 
 
 def test_the_real_claude_cli_keeps_its_conversation_through_the_shared_queue(agents):
-    from tests.e2e.test_postgres import QUEUE, ensure_database
+    from tests.e2e.test_postgres import QUEUE, ensure_database, psql
 
     ensure_database(agents)
     agents.write(CONFIG, AGENTS + QUEUE)
@@ -523,20 +523,7 @@ def test_the_real_claude_cli_keeps_its_conversation_through_the_shared_queue(age
         second = send(agents, "claude", "and again", conversation="pg-thread")
         # the session id came back from the database's session map: the CLI resumed
         assert second[0] == 0 and second[1].endswith("to 'and again' (4 messages)"), second
-        rows = agents.run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                "psql",
-                "-At",
-                "-d",
-                "agent",
-                "-c",
-                "SELECT count(*) FROM sessions WHERE conversation LIKE '%pg-thread%'",
-            ]
-        ).stdout.strip()
+        rows = psql(agents, "SELECT count(*) FROM sessions WHERE conversation LIKE '%pg-thread%'")
         assert rows == "1", rows
     finally:
         agents.write(CONFIG, AGENTS)

@@ -37,6 +37,12 @@ def status(guest: Guest) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
+def psql(guest: Guest, sql: str, database: str = "agent") -> str:
+    """One query as the postgres superuser in the guest; its rows, unaligned."""
+    argv = ["runuser", "-u", "postgres", "--", "psql", "-At", "-d", database, "-c", sql]
+    return guest.run(argv).stdout.strip()
+
+
 def ensure_database(guest: Guest) -> None:
     """Debian's postgresql running, with a role and a database for the service's user
     (peer authentication over /run/postgresql); idempotent."""
@@ -67,21 +73,11 @@ def shared(guest: Guest) -> Iterator[Guest]:
 def test_the_packaged_service_answers_through_the_shared_queue(shared):
     done = shared.run(["agentctl", "send", "--wait", "--agent", "cat", "through postgres"])
     assert done.stdout.strip() == "through postgres"
-    state, origin = shared.run(
-        [
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            "psql",
-            "-At",
-            "-d",
-            "agent",
-            "-c",
-            "SELECT state || ' ' || origin_host FROM messages"
-            " WHERE payload->>'message' = 'through postgres'",
-        ]
-    ).stdout.split()
+    state, origin = psql(
+        shared,
+        "SELECT state || ' ' || origin_host FROM messages"
+        " WHERE payload->>'message' = 'through postgres'",
+    ).split()
     assert (state, origin) == ("done", "guest-1")
     # the queue worker reads the cluster's stats every few seconds: wait for one after
     # this host's first heartbeat
